@@ -1,0 +1,49 @@
+"""The ``anchor`` command line: one subcommand per module in :mod:`anchor.commands`.
+
+Each command module exposes ``register(subparsers)``, which adds its parser and sets ``func`` to a function
+taking the parsed ``argparse.Namespace``. Heavy imports (torch, transformers) happen inside those functions, so
+``anchor --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+COMMANDS = ("axis", "calibrate", "monitor", "chat", "generate", "eval", "train")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from anchor import __version__
+
+    parser = argparse.ArgumentParser(prog="anchor", description="Persona anchoring for chat models.")
+    parser.add_argument("--version", action="version", version=f"anchor {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMANDS:
+        try:
+            module = importlib.import_module(f"anchor.commands.{name}")
+        except ModuleNotFoundError as err:
+            if err.name != f"anchor.commands.{name}":
+                raise
+            continue  # a command whose module is not part of this build
+        module.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except (ValueError, FileNotFoundError, RuntimeError) as err:
+        # Our errors say what to fix; a traceback would bury that.
+        print(f"anchor {args.command}: error: {err}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

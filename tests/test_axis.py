@@ -1,0 +1,262 @@
+"""Extraction exactness, resume after a kill, and the AssistantAxis bundle's maths, round trip and refusals."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from anchor import AssistantAxis, AxisMismatchError, compute_axis
+from anchor.axis import QUANTILE_LEVELS
+from anchor.extract import ExtractionSettings, Persona, extract, load_shard, run_batch
+from anchor.hooks import LayerHooks
+from anchor.spans import encode_chat, encode_prompt
+from tests.conftest import TINY_QUESTIONS, TINY_ROLES, make_tiny_model
+
+DEFAULTS = ["", "You are a helpful assistant."]
+
+
+def _layer_outputs(model, ids):
+    outs = {}
+    with LayerHooks(model, range(4), lambda i, h: outs.__setitem__(i, h[0])), torch.no_grad():
+        model(torch.tensor([ids]))
+    return torch.stack([outs[i] for i in range(4)], dim=1)  # [T, L, H]
+
+
+def test_generation_capture_equals_teacher_forced_response_mean(tiny_model, tiny_tokenizer):
+    """Means captured during batched, cached generation equal a plain forward over prompt + answer, averaged over
+    the answer tokens before the end of turn (the final sampled token is never fed, so it has no activation)."""
+    msgs = [[{"role": "system", "content": "You are a pirate captain."}, {"role": "user", "content": q}]
+            for q in TINY_QUESTIONS[:3]]
+    prompts = [encode_prompt(tiny_tokenizer, m) for m in msgs]
+    means, counts, norms, _ = run_batch(tiny_model, tiny_tokenizer, prompts, ExtractionSettings(max_new_tokens=8))
+    assert means.shape == (3, 4, 32) and norms.shape == (3, 4)
+    stop = tiny_tokenizer.eos_token_id
+    for i, prompt in enumerate(prompts):
+        with torch.no_grad():
+            out = tiny_model.generate(torch.tensor([prompt]), max_new_tokens=8, do_sample=False)[0].tolist()
+        answer = out[len(prompt):-1]
+        answer = answer[: answer.index(stop)] if stop in answer else answer
+        hidden = _layer_outputs(tiny_model, prompt + answer)[len(prompt):]
+        assert counts[i] == len(answer)
+        torch.testing.assert_close(means[i], hidden.mean(0), rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(norms[i], hidden.norm(dim=-1).mean(0), rtol=1e-4, atol=1e-5)
+
+
+def test_answer_tokens_are_the_span_mask_of_the_rendered_conversation(tiny_tokenizer):
+    """The generated tokens sit exactly where encode_chat's span mask says the assistant content is."""
+    msgs = [{"role": "user", "content": "Who are you?"}]
+    answer = tiny_tokenizer("I am the sea.", add_special_tokens=False)["input_ids"]
+    enc = encode_chat(tiny_tokenizer, [*msgs, {"role": "assistant", "content": "I am the sea."}])
+    prompt = encode_prompt(tiny_tokenizer, msgs)
+    assert enc.input_ids[: len(prompt)] == prompt
+    assert [t for t, m in zip(enc.input_ids, enc.mask(), strict=True) if m] == answer
+
+
+def test_prompt_mode_averages_the_generation_prompt_tokens(tiny_model, tiny_tokenizer):
+    msgs = [{"role": "user", "content": "Who are you?"}]
+    ids = encode_prompt(tiny_tokenizer, msgs)
+    means, counts, _, _ = run_batch(tiny_model, tiny_tokenizer, [ids], ExtractionSettings(mode="prompt"), prompt_end=3)
+    torch.testing.assert_close(means[0], _layer_outputs(tiny_model, ids)[-3:].mean(0))
+    assert counts.tolist() == [3]
+
+
+def test_left_padding_does_not_change_a_sample(tiny_model, tiny_tokenizer):
+    short = encode_prompt(tiny_tokenizer, [{"role": "user", "content": "Hi?"}])
+    long = encode_prompt(tiny_tokenizer, [{"role": "user", "content": "Tell me a long story about the sea please."}])
+    settings = ExtractionSettings(max_new_tokens=6)
+    alone, _, _, text_alone = run_batch(tiny_model, tiny_tokenizer, [short], settings)
+    batched, _, _, texts = run_batch(tiny_model, tiny_tokenizer, [long, short], settings)
+    assert texts[1] == text_alone[0]
+    torch.testing.assert_close(batched[1], alone[0], rtol=1e-4, atol=1e-5)
+
+
+def test_axis_is_default_minus_equal_weighted_roles(tiny_axis):
+    torch.testing.assert_close(tiny_axis.axis, tiny_axis.default_mean - tiny_axis.role_vectors.mean(0))
+    torch.testing.assert_close(tiny_axis.unit.norm(dim=-1), torch.ones(4))
+    assert tiny_axis.role_names == list(TINY_ROLES)
+    h = torch.randn(2, 5, 32)
+    torch.testing.assert_close(tiny_axis.project(h, 2), h @ tiny_axis.unit[2])
+    assert tiny_axis.metadata["n_answers"] == (len(DEFAULTS) + 5) * len(TINY_QUESTIONS)
+
+
+def test_quantiles_and_tau(tiny_axis):
+    for q in tiny_axis.quantiles.values():
+        assert q.shape == (4, len(QUANTILE_LEVELS)) and (q.diff(dim=1) >= 0).all()
+    q = tiny_axis.quantiles["default"][1]
+    assert tiny_axis.tau(1, 25) == pytest.approx(float(q[25]))
+    assert tiny_axis.tau(1, 25.5) == pytest.approx(float((q[25] + q[26]) / 2))
+    with pytest.raises(ValueError, match=r"0\.\.100"):
+        tiny_axis.tau(1, 120)
+
+
+def test_pca_is_mean_centred_orthonormal_and_oriented(tiny_axis):
+    pca = tiny_axis.pca
+    comps = pca.components  # [L, k, H]
+    eye = torch.eye(comps.shape[1]).expand(4, -1, -1)
+    torch.testing.assert_close(comps @ comps.transpose(1, 2), eye, atol=1e-5, rtol=0)
+    assert (pca.explained.sum(dim=1) <= 1 + 1e-5).all() and (pca.explained.diff(dim=1) <= 1e-6).all()
+    assert (pca.default_coords[:, 0] > 0).all()
+    centred = tiny_axis.role_vectors - tiny_axis.role_vectors.mean(0)
+    torch.testing.assert_close(pca.role_coords[:, :, 0], torch.einsum("rlh,lh->rl", centred, comps[:, 0]),
+                               atol=1e-4, rtol=1e-4)
+
+
+def test_save_load_round_trip_is_bit_exact(tiny_axis, tmp_path):
+    tiny_axis.save_pretrained(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["axis.safetensors", "axis_config.json"]
+    loaded = AssistantAxis.from_pretrained(tmp_path)
+    for name in ("axis", "unit", "default_mean", "role_vectors", "residual_norm"):
+        assert torch.equal(getattr(loaded, name), getattr(tiny_axis, name)), name
+    for name in ("components", "explained", "role_coords", "default_coords", "center"):
+        assert torch.equal(getattr(loaded.pca, name), getattr(tiny_axis.pca, name)), name
+    for key in ("default", "roles"):
+        assert torch.equal(loaded.quantiles[key], tiny_axis.quantiles[key])
+    assert loaded.metadata == tiny_axis.metadata and loaded.role_names == tiny_axis.role_names
+
+
+def test_load_refuses_non_bundle_and_future_format(tiny_axis, tmp_path):
+    with pytest.raises(FileNotFoundError, match="anchor axis"):
+        AssistantAxis.from_pretrained(tmp_path)
+    tiny_axis.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "axis_config.json").read_text())
+    (tmp_path / "axis_config.json").write_text(json.dumps({**config, "format_version": 99}))
+    with pytest.raises(ValueError, match="format_version 99"):
+        AssistantAxis.from_pretrained(tmp_path)
+
+
+def test_check_compatible_refusals(tiny_axis, tiny_tokenizer):
+    tiny_axis.check_compatible(make_tiny_model(tiny_tokenizer))  # same seed: same weights
+    with pytest.raises(AxisMismatchError, match="6 decoder layers"):
+        tiny_axis.check_compatible(make_tiny_model(tiny_tokenizer, n_layers=6))
+    with pytest.raises(AxisMismatchError, match="hidden size 32 but the model has 64"):
+        tiny_axis.check_compatible(make_tiny_model(tiny_tokenizer, hidden=64))
+    other = make_tiny_model(tiny_tokenizer, seed=1)
+    with pytest.raises(AxisMismatchError, match="fingerprint"):
+        tiny_axis.check_compatible(other)
+    tiny_axis.check_compatible(other, check_weights=False)
+
+
+def test_zero_axis_is_refused(tiny_axis):
+    with pytest.raises(ValueError, match="zero or non-finite"):
+        AssistantAxis(torch.zeros(4, 32), tiny_axis.default_mean, tiny_axis.role_vectors, tiny_axis.role_names,
+                      tiny_axis.quantiles, tiny_axis.residual_norm, tiny_axis.pca)
+
+
+def test_compute_axis_input_errors(tiny_model, tiny_tokenizer):
+    with pytest.raises(ValueError, match="reserved"):
+        compute_axis(tiny_model, tiny_tokenizer, roles={"default": ["x"]}, questions=TINY_QUESTIONS, progress=False)
+    with pytest.raises(ValueError, match="mode="):
+        compute_axis(tiny_model, tiny_tokenizer, roles=TINY_ROLES, questions=TINY_QUESTIONS, mode="sample")
+    with pytest.raises(ValueError, match="n_roles=0"):
+        compute_axis(tiny_model, tiny_tokenizer, roles=TINY_ROLES, questions=TINY_QUESTIONS, n_roles=0)
+
+
+def test_subsets_are_seeded_and_nested(tiny_model, tiny_tokenizer):
+    roles = {f"role_{i}": [f"You are character number {i}."] for i in range(6)}
+    a = compute_axis(tiny_model, tiny_tokenizer, roles=roles, questions=TINY_QUESTIONS, n_roles=3, n_questions=2,
+                     max_new_tokens=3, progress=False)
+    b = compute_axis(tiny_model, tiny_tokenizer, roles=roles, questions=TINY_QUESTIONS, n_roles=3, n_questions=2,
+                     max_new_tokens=3, progress=False)
+    assert a.role_names == b.role_names and torch.equal(a.axis, b.axis)
+    assert a.metadata["n_roles"] == 3 and a.metadata["n_questions"] == 2
+
+
+RESUME_SCRIPT = textwrap.dedent("""
+    import os, signal, sys
+    import anchor.extract as ex
+    from tests.conftest import make_tiny_model, TINY_ROLES, TINY_QUESTIONS
+    from tests import tokenizers_util
+    from anchor import compute_axis
+
+    tok = tokenizers_util.chatml(); tok.pad_token = tok.eos_token
+    real_save, saved = ex.save_shard, []
+
+    def save_then_die(shard, path):
+        real_save(shard, path)
+        saved.append(path)
+        if len(saved) == 2:  # die hard mid-run, after two finished shards, leaving a half-written temp file
+            (path.parent / ".tmp-partial.safetensors").write_bytes(b"half written")
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    ex.save_shard = save_then_die
+    compute_axis(make_tiny_model(tok), tok, roles=TINY_ROLES, questions=TINY_QUESTIONS,
+                 defaults=["", "You are a helpful assistant."], max_new_tokens=6, progress=False, out_dir=sys.argv[1])
+""")
+
+
+def test_resume_after_killed_extraction_matches_uninterrupted_run(tiny_axis, tiny_tokenizer, tmp_path):
+    proc = subprocess.run([sys.executable, "-c", RESUME_SCRIPT, str(tmp_path)], capture_output=True, text=True)
+    assert proc.returncode == -9, proc.stderr
+    assert len(list((tmp_path / "shards").glob("0*.safetensors"))) == 2
+    calls = []
+    import anchor.extract as ex
+
+    original = ex._extract_persona
+
+    def counting(*args, **kwargs):
+        calls.append(args[2].name)
+        return original(*args, **kwargs)
+
+    ex._extract_persona = counting
+    try:
+        resumed = compute_axis(make_tiny_model(tiny_tokenizer), tiny_tokenizer, roles=TINY_ROLES,
+                               questions=TINY_QUESTIONS, defaults=DEFAULTS, max_new_tokens=6, progress=False,
+                               out_dir=tmp_path)
+    finally:
+        ex._extract_persona = original
+    assert calls == list(TINY_ROLES)[1:]  # the default and the first role were not redone
+    assert torch.equal(resumed.axis, tiny_axis.axis)
+    assert torch.equal(resumed.quantiles["roles"], tiny_axis.quantiles["roles"])
+
+
+def test_resume_into_directory_with_other_settings_is_refused(tiny_model, tiny_tokenizer, tmp_path):
+    personas = [Persona("default", ("",)), Persona("pirate", ("You are a pirate.",))]
+    extract(tiny_model, tiny_tokenizer, personas, TINY_QUESTIONS[:2], tmp_path, ExtractionSettings(max_new_tokens=3),
+            progress=False)
+    with pytest.raises(ValueError, match="different settings"):
+        extract(tiny_model, tiny_tokenizer, personas, TINY_QUESTIONS[:2], tmp_path,
+                ExtractionSettings(max_new_tokens=4), progress=False)
+    shard = load_shard(tmp_path / "shards" / "0001-pirate.safetensors")
+    assert shard.items == [(0, 0), (0, 1)] and len(shard.texts) == 2
+
+
+def test_axis_cli_writes_bundle_and_report(tmp_path, tiny_model, tiny_tokenizer):
+    from anchor.cli import main
+
+    model_dir = tmp_path / "model"
+    tiny_model.save_pretrained(model_dir)
+    tiny_tokenizer.save_pretrained(model_dir)
+    roles = tmp_path / "roles.json"
+    roles.write_text(json.dumps({"version": 1, "roles": [{"name": n, "system_prompts": p}
+                                                         for n, p in TINY_ROLES.items()]}))
+    questions = tmp_path / "questions.txt"
+    questions.write_text("\n".join(TINY_QUESTIONS))
+    out = tmp_path / "axis"
+    assert main(["axis", "--model", str(model_dir), "--out", str(out), "--roles-file", str(roles),
+                 "--questions-file", str(questions), "--max-new-tokens", "4"]) == 0
+    AssistantAxis.from_pretrained(out).check_compatible(tiny_model)
+    for name in ("index.html", "report.md", "report.json", "persona_space.png", "layers.png", "roles.png"):
+        assert (out / "report" / name).stat().st_size > 0, name
+    report = json.loads((out / "report" / "report.json").read_text())
+    assert len(report["pc1_cosine"]) == 4 and report["n_roles"] == 4
+
+
+@pytest.mark.slow
+def test_embedded_model_axis_has_assistant_structure(smollm2, tmp_path):
+    """A small real run: the default sits above the roles, and the axis lines up with PC1 in the middle layers."""
+    model, tok = smollm2
+    roles = {name: prompts for name, prompts in __import__("anchor").personas.load_roles().items()
+             if name in {"assistant", "analyst", "bard", "ghost", "demon", "leviathan", "pirate_captain", "jester"}}
+    axis = compute_axis(model, tok, roles=roles, n_questions=8, max_new_tokens=16, prompts_per_role=1,
+                        progress=False, out_dir=tmp_path)
+    layer = axis.report_layer
+    assert layer == 15
+    assert float((axis.role_projections(layer) < axis.default_projection(layer)).float().mean()) >= 0.85
+    top = axis.role_names[int(axis.role_projections(layer).argmax())]
+    assert top in {"assistant", "analyst"}
+    assert float(axis.pc1_cosine()[10:20].mean()) > 0.5
