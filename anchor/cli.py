@@ -11,7 +11,7 @@ import argparse
 import importlib
 import sys
 
-COMMANDS = ("axis", "calibrate", "monitor", "chat", "generate", "eval", "train")
+COMMANDS = ("axis", "data", "train", "calibrate", "monitor", "chat", "generate", "eval")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -83,7 +83,7 @@ def _digest(obj: object) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _left_pad(rows: Sequence[Sequence[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def left_pad(rows: Sequence[Sequence[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     width = max(len(r) for r in rows)
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
@@ -104,7 +104,7 @@ class _StepRecorder:
         self.steps.setdefault(layer, []).append(hidden[:, -self.keep_last:].detach().float())
 
 
-def _stop_ids(model: nn.Module, tokenizer: object) -> set[int]:
+def stop_ids(model: nn.Module, tokenizer: object) -> set[int]:
     ids = {tokenizer.eos_token_id, tokenizer.pad_token_id}
     gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
     ids.update(gen_eos if isinstance(gen_eos, list) else [gen_eos])
@@ -131,7 +131,7 @@ def run_batch(
     ``[B, L]`` and the decoded answers."""
     device = next(model.parameters()).device
     n_layers = len(decoder_layers(model))
-    ids, mask = _left_pad(prompts, tokenizer.pad_token_id, device)
+    ids, mask = left_pad(prompts, tokenizer.pad_token_id, device)
     recorder = _StepRecorder(keep_last=prompt_end if settings.mode == "prompt" else 1)
     with LayerHooks(model, range(n_layers), recorder):
         if settings.mode == "prompt":
@@ -141,7 +141,7 @@ def run_batch(
             out = model.generate(
                 input_ids=ids, attention_mask=mask, max_new_tokens=settings.max_new_tokens, do_sample=sample,
                 temperature=settings.temperature if sample else None, top_p=None, top_k=None,
-                pad_token_id=tokenizer.pad_token_id, eos_token_id=sorted(_stop_ids(model, tokenizer)),
+                pad_token_id=tokenizer.pad_token_id, eos_token_id=sorted(stop_ids(model, tokenizer)),
             )
     if settings.mode == "prompt":
         stacked = torch.stack([recorder.steps[i][0] for i in range(n_layers)], dim=1).cpu()  # [B, L, P, H]
@@ -150,7 +150,7 @@ def run_batch(
     generated = out[:, ids.shape[1]:].cpu()
     # Decode steps 1.. saw generated tokens 0..; the prefill call (step 0) saw the prompt and is skipped.
     fed = generated[:, : len(recorder.steps[0]) - 1]
-    stop = torch.tensor(sorted(_stop_ids(model, tokenizer)))
+    stop = torch.tensor(sorted(stop_ids(model, tokenizer)))
     finished = torch.isin(fed, stop).long().cumsum(dim=1) > 0
     valid = (~finished).float()  # [B, T]
     counts = valid.sum(dim=1).long()
