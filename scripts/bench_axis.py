@@ -88,7 +88,8 @@ def main() -> None:
         cos = cosines(axis, reference)
         mid = [cos[i] for i in middle]
         rows.append({
-            "name": name, "settings": VARIANTS[name], "seconds": round(seconds, 1), "n_answers": axis.metadata["n_answers"],
+            "name": name, "settings": VARIANTS[name], "seconds": round(seconds, 1),
+            "n_answers": axis.metadata["n_answers"],
             "cos_middle_mean": round(sum(mid) / len(mid), 4), "cos_middle_min": min(mid), "cos_per_layer": cos,
             "role_order_spearman": role_order_agreement(axis, reference, reference.report_layer),
             "pc1_cosine_report_layer": round(float(axis.pc1_cosine()[axis.report_layer]), 4),
