@@ -1,0 +1,840 @@
+"""Drift benchmark: does the training anchor keep a persona-implant fine-tune in its Assistant persona?
+
+The set-up (``anchor.data``): the embedded SmolLM2 answers questions in role, under the roles farthest from the
+Assistant on the axis, and is then fully fine-tuned on those answers *without* the role's system prompt, so it
+learns to answer plain questions in the role's voice. Every arm trains on the same data with TRL's ``SFTTrainer``:
+
+* ``unanchored``: plain SFT, the drift to beat;
+* ``floor``, ``match``, ``replay``, ``preventative``: ``AnchorCallback`` with that method, at a couple of λ (k for
+  preventative steering, which acts on a band of middle layers);
+* ``lm-replay`` (control, no axis): every step also trains, with the ordinary LM loss, on a batch of default-prompt
+  questions answered by the base model. If it anchors as well, the axis adds nothing;
+* ``kl`` (experimental, no axis): every step also pulls the model's own sampled default-prompt answers towards the
+  frozen base model's next-token distributions, KL(base ‖ model);
+* ``prev+replay`` (experimental): preventative steering on the training batch plus on-policy projection replay (the
+  model's own sampled default answers keep the base model's projections at every layer from the middle up),
+  combined in one step, which the callback API cannot do yet.
+
+Each fine-tuned model is then judged by measures no anchor reads, on default-persona prompts disjoint from all
+training data (the held-out questions of ``anchor.data`` plus the shipped probes, ``anchor.personas.load_probes``):
+
+* **projection drift** at every layer: the model's own greedy answers are teacher-forced through it and the mean
+  projection on the unit axis is compared with the base model's on its own answers, in units of the layer's
+  default-to-role gap (``default_projection(l)`` − mean role projection at ``l``);
+* **behavioural drift**: the frozen base model's per-token NLL(answer | default prompt) − NLL(answer | far-role
+  prompt), averaged over the training roles (higher = more role-like), as a change from the base model's own
+  answers, with the standard error over seeds and answers;
+* **task loss**: NLL of the held-out in-role SFT answers (what the fine-tune was for);
+* **base-answer loss**: NLL of the base model's own greedy default answers (capability kept).
+
+Target: an arm keeps behavioural drift and the projection drift at *every* layer within 20% of unanchored (either
+sign), with task loss at most 5% above unanchored.
+
+    python scripts/bench_drift.py [--device cpu|cuda] [--dtype fp32|bf16] [--seeds 3] [--steps 150]
+                                  [--methods floor replay:10 ...] [--quick] [--budget-s 480]
+
+Runs go seed by seed (every arm of seed 0, then seed 1, ...), and results (JSON, markdown, PNG) are rewritten after
+every run, so a run cut short still leaves complete seeds. ``--budget-s`` skips the runs that would not finish in
+time. Writes ``scripts/results/bench_drift_<device>[_quick].{json,md,png}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import platform
+import random
+import re
+import sys
+import tempfile
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from anchor.axis import AssistantAxis
+from anchor.callback import AnchorCallback, AnchorConfig
+from anchor.data import CONFIG_NAME as DATA_CONFIG
+from anchor.data import PersonaData, build_persona_data
+from anchor.hooks import LayerHooks
+from anchor.loss import default_layers, match_penalty, steering_vector
+from anchor.models import decoder_layers, fingerprint, load_model, unwrap
+from anchor.personas import load_probes
+from anchor.probes import answer_nll, answer_projections, generate_answers, pack_answers, role_likeness
+from anchor.spans import encode_prompt, render_chat
+
+RESULTS = Path(__file__).resolve().parent / "results"
+REFERENCE_AXIS = RESULTS / "reference_axis"
+TARGET_RATIO = 0.2  # anchored drift within 20% of unanchored ...
+TARGET_TASK = 0.05  # ... with task loss at most 5% above unanchored
+IGNORE_INDEX = -100
+
+# Arms: method -> the strengths tried (λ; k for preventative). Axis-free arms are controls.
+# Ordered by promise (DESIGN.md's GPU sweep), so a time budget cuts the expected failures' last seeds first.
+DEFAULT_GRID: dict[str, tuple[float, ...]] = {
+    "preventative": (0.01, 0.02),
+    "replay": (1.0, 10.0),
+    "prev+replay": (10.0,),
+    "lm-replay": (1.0,),
+    "kl": (1.0,),
+    "match": (1.0, 10.0),
+    "floor": (1.0, 10.0),
+}
+CALLBACK_METHODS = ("floor", "match", "replay", "preventative")
+EXPERIMENTAL = ("lm-replay", "kl", "prev+replay")
+AXIS_FREE = ("lm-replay", "kl")
+QUICK_METHODS = ("preventative:0.02", "replay:10", "lm-replay:1")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Configuration
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Arm:
+    """One training configuration: ``method`` (or ``"unanchored"``) at ``strength`` (λ, or k for preventative)."""
+
+    method: str
+    strength: float = 0.0
+
+    @property
+    def name(self) -> str:
+        return self.method if self.method == "unanchored" else f"{self.method}:{self.strength:g}"
+
+    @property
+    def kind(self) -> str:
+        if self.method == "unanchored":
+            return "baseline"
+        if self.method in AXIS_FREE:
+            return "control (no axis)"
+        return "experimental" if self.method in EXPERIMENTAL else "callback"
+
+
+def parse_arms(specs: Sequence[str]) -> list[Arm]:
+    """``["floor", "replay:3"]`` → the unanchored arm plus each method at its default grid or the given strength."""
+    arms = [Arm("unanchored")]
+    for spec in specs:
+        method, _, value = spec.partition(":")
+        if method == "unanchored":
+            continue
+        if method not in DEFAULT_GRID:
+            raise ValueError(f"Unknown method {method!r} in --methods; choose from {sorted(DEFAULT_GRID)} "
+                             "(optionally with a strength, e.g. replay:10).")
+        strengths = (float(value),) if value else DEFAULT_GRID[method]
+        arms += [Arm(method, s) for s in strengths if Arm(method, s) not in arms]
+    return arms
+
+
+@dataclass
+class BenchConfig:
+    """Everything that changes what the benchmark computes (written into the results)."""
+
+    arms: list[Arm]
+    seeds: int = 3
+    steps: int = 150
+    batch_size: int = 8
+    learning_rate: float = 5e-5
+    device: str = "cpu"
+    dtype: str = "fp32"
+    n_roles: int = 4
+    n_questions: int = 120
+    heldout_fraction: float = 0.25
+    data_max_new_tokens: int = 64
+    n_probes: int | None = None  # None: all shipped probes
+    measure_max_new_tokens: int = 64
+    replay_batch_size: int = 8
+    replay_refresh_steps: int = 10
+    replay_max_new_tokens: int = 48
+    prev_k: float = 0.02  # steering strength of prev+replay
+    steer_layers: list[int] | None = None  # preventative band; None: the middle third of the network
+    gen_batch_size: int = 16
+    budget_s: float | None = None
+    tag: str = ""
+    out_dir: Path = RESULTS
+
+    def to_json(self) -> dict[str, Any]:
+        out = {k: v for k, v in asdict(self).items() if k not in ("arms", "out_dir")}
+        return {**out, "arms": [a.name for a in self.arms]}
+
+
+def steer_band(n_layers: int) -> list[int]:
+    """The middle third of the network (10-20 of SmolLM2's 30 layers), where preventative steering acts."""
+    return list(range(n_layers // 3, 2 * n_layers // 3 + 1))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Data and the base model's measurements, built once per process
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Measurement:
+    """What one model does on the measurement prompts (rows) and the held-out task."""
+
+    answers: list[list[int]]
+    proj: torch.Tensor  # [M, L] mean projection of each answer's tokens, teacher-forced through the model
+    role_likeness: torch.Tensor  # [M] under the frozen base model; higher = more role-like
+    task_loss: float
+    base_answer_loss: float
+
+
+def encode_sft(tokenizer: Any, messages: list[dict[str, str]]) -> tuple[list[int], list[int]]:
+    """(prompt ids with the generation prompt, completion ids: the answer and its end-of-turn tokens)."""
+    prompt = encode_prompt(tokenizer, messages[:-1])
+    full = list(tokenizer(render_chat(tokenizer, messages), add_special_tokens=False)["input_ids"])
+    if full[:len(prompt)] != prompt:
+        raise ValueError("The chat template renders the prompt differently once the answer is appended; the "
+                         "benchmark needs a template whose prompt tokens are a prefix of the full conversation.")
+    return prompt, full[len(prompt):]
+
+
+class Collator:
+    """Right-pads pre-tokenized ``input_ids``/``labels`` (the same on every TRL version)."""
+
+    def __init__(self, pad_id: int):
+        self.pad_id = pad_id
+
+    def __call__(self, rows: list[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
+        width = max(len(r["input_ids"]) for r in rows)
+        ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
+        labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+        attention = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, r in enumerate(rows):
+            n = len(r["input_ids"])
+            ids[i, :n] = torch.tensor(r["input_ids"])
+            labels[i, :n] = torch.tensor(r["labels"])
+            attention[i, :n] = 1
+        return {"input_ids": ids, "labels": labels, "attention_mask": attention}
+
+
+class Bench:
+    """The base model, axis, data and measurement set, and the base model's own measurements (cached)."""
+
+    def __init__(self, model: nn.Module, tokenizer: Any, axis: AssistantAxis, data: PersonaData, cfg: BenchConfig,
+                 log: Callable[[str], None] = print):
+        self.base = model.eval().requires_grad_(False)
+        self.tok = tokenizer
+        self.axis = axis
+        self.data = data
+        self.cfg = cfg
+        self.log = log
+        self.n_layers = len(decoder_layers(model))
+        self.gap = torch.tensor([axis.default_projection(i) - float(axis.role_projections(i).mean())
+                                 for i in range(axis.n_layers)])
+        self.role_prompts = [prompts[0] for prompts in data.roles.values()]
+        if not self.role_prompts:
+            raise ValueError("The persona data names no roles (metadata['roles']); the behavioural score needs them.")
+        probes = load_probes()
+        if cfg.n_probes is not None:  # an even spread over the domains
+            by_domain: dict[str, list[str]] = {}
+            for p in probes:
+                by_domain.setdefault(p.domain, []).append(p.prompt)
+            per = max(1, cfg.n_probes // len(by_domain))
+            probe_texts = [q for qs in by_domain.values() for q in qs[:per]]
+        else:
+            probe_texts = [p.prompt for p in probes]
+        self.texts = data.drift_questions + probe_texts
+        self.sources = ["heldout_question"] * len(data.drift_questions) + ["probe"] * len(probe_texts)
+        self.prompts = [encode_prompt(tokenizer, [{"role": "user", "content": t}]) for t in self.texts]
+        task = [encode_sft(tokenizer, r["messages"]) for r in data.sft_heldout]
+        self.task_prompts, self.task_answers = [p for p, _ in task], [a for _, a in task]
+        rows = []
+        for r in data.sft_train:
+            prompt, completion = encode_sft(tokenizer, r["messages"])
+            rows.append({"input_ids": prompt + completion, "labels": [IGNORE_INDEX] * len(prompt) + completion})
+        self.train_rows = rows
+        # Default-prompt questions of the training split, answered by the base model (the DPO "rejected" side):
+        # the prompt pool of the experimental replay terms, disjoint from the measurement prompts.
+        pool: dict[str, str] = {}
+        for r in data.dpo_train:
+            pool.setdefault(r["prompt"][-1]["content"], r["rejected"][-1]["content"])
+        self.pool = [(encode_prompt(tokenizer, [{"role": "user", "content": q}]),
+                      list(tokenizer(a, add_special_tokens=False)["input_ids"])) for q, a in pool.items()]
+        if not self.pool:
+            raise ValueError("The persona data has no default answers to training questions (dpo_train is empty).")
+        start = time.perf_counter()
+        self.base_measure = self.measure(self.base)
+        self.log(f"base model measured on {len(self.prompts)} prompts in {time.perf_counter() - start:.1f}s")
+
+    def measure(self, model: nn.Module, base_answers: list[list[int]] | None = None) -> Measurement:
+        """Greedy default answers of ``model`` and every measure of the module doc."""
+        cfg, tok, pad = self.cfg, self.tok, self.tok.pad_token_id
+        model.eval()
+        answers = generate_answers(model, tok, self.prompts, cfg.measure_max_new_tokens, cfg.gen_batch_size)
+        proj = answer_projections(model, self.prompts, answers, self.axis, batch_size=cfg.gen_batch_size, pad_id=pad)
+        score = role_likeness(self.base, tok, self.texts, answers, self.role_prompts, cfg.gen_batch_size)
+        task = answer_nll(model, self.task_prompts, self.task_answers, cfg.gen_batch_size, pad)
+        reference = answers if base_answers is None else base_answers
+        kept = answer_nll(model, self.prompts, reference, cfg.gen_batch_size, pad)
+        return Measurement(answers, proj, score, float(task.nanmean()), float(kept.nanmean()))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Experimental terms (the arms the callback cannot express yet)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class ExtraTerm:
+    """A per-step loss added to the SFT loss, on a default-prompt batch from the training questions.
+
+    * ``lm``: ordinary LM loss on the base model's own answers (a fixed batch drawn anew every step).
+    * ``kl``: KL(base ‖ model) over the answer positions of the model's own sampled answers.
+    * ``proj``: squared distance, in default-to-role gaps, of the model's answer-token projections from the base
+      model's on the same tokens, averaged over ``layers`` (on-policy projection replay).
+
+    On-policy answers (``kl``, ``proj``) are re-sampled from the current model every ``refresh`` steps.
+    ``steer`` adds preventative steering (``steering_vector``) to the training batch's forward only.
+    """
+
+    def __init__(self, bench: Bench, kind: str, weight: float, seed: int, steer: dict[int, torch.Tensor] | None,
+                 layers: Sequence[int] = ()):
+        self.bench, self.kind, self.weight, self.seed = bench, kind, weight, seed
+        self.steer = steer or {}
+        self.layers = list(layers)
+        self.rng = random.Random(f"bench-drift-extra-{seed}")
+        self.prompts = [p for p, _ in self.rng.sample(bench.pool, min(bench.cfg.replay_batch_size, len(bench.pool)))]
+        self.batch: dict[str, torch.Tensor] | None = None
+        self.step = 0
+
+    def steering(self, model: nn.Module) -> LayerHooks | None:
+        if not self.steer:
+            return None
+
+        def add(layer: int, hidden: torch.Tensor) -> torch.Tensor:
+            return hidden + self.steer[layer].to(device=hidden.device, dtype=hidden.dtype)
+
+        return LayerHooks(model, sorted(self.steer), add)
+
+    def _refresh(self, model: nn.Module) -> None:
+        bench, cfg = self.bench, self.bench.cfg
+        device = next(model.parameters()).device
+        if self.kind == "lm":
+            pairs = self.rng.sample(bench.pool, min(cfg.replay_batch_size, len(bench.pool)))
+            ids, attention, answer = pack_answers([p for p, _ in pairs], [a for _, a in pairs], bench.tok.pad_token_id)
+            self.batch = {"input_ids": ids, "attention_mask": attention, "answer": answer}
+        elif self.batch is None or self.step % cfg.replay_refresh_steps == 0:
+            answers = generate_answers(unwrap(model), bench.tok, self.prompts, cfg.replay_max_new_tokens,
+                                       cfg.replay_batch_size, sample=True, seed=self.seed * 100_003 + self.step)
+            answers = [a or [bench.tok.eos_token_id] for a in answers]
+            ids, attention, answer = pack_answers(self.prompts, answers, bench.tok.pad_token_id)
+            self.batch = {"input_ids": ids, "attention_mask": attention, "answer": answer}
+            with torch.no_grad():
+                if self.kind == "kl":
+                    logits = bench.base(input_ids=ids.to(device), attention_mask=attention.to(device)).logits
+                    self.batch["ref"] = F.log_softmax(logits[:, :-1].float(), dim=-1)
+                else:
+                    self.batch.update({f"ref.{i}": v for i, v in self._projections(bench.base, ids, attention).items()})
+        self.batch = {k: v.to(device) for k, v in self.batch.items()}
+
+    def _projections(self, model: nn.Module, ids: torch.Tensor, attention: torch.Tensor) -> dict[int, torch.Tensor]:
+        unit = self.bench.axis.unit
+        store: dict[int, torch.Tensor] = {}
+
+        def read(layer: int, hidden: torch.Tensor) -> None:
+            store[layer] = hidden.float() @ unit[layer].to(hidden.device)
+
+        device = next(model.parameters()).device
+        with LayerHooks(model, self.layers, read):
+            model(input_ids=ids.to(device), attention_mask=attention.to(device), use_cache=False)
+        return store
+
+    def loss(self, model: nn.Module) -> torch.Tensor:
+        """λ × the term on this step's batch (with gradients)."""
+        self._refresh(model)
+        self.step += 1
+        b = self.batch
+        if self.kind == "lm":
+            labels = torch.where(b["answer"], b["input_ids"], torch.full_like(b["input_ids"], IGNORE_INDEX))
+            out = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], labels=labels, use_cache=False)
+            return self.weight * out.loss
+        mask = b["answer"]
+        if self.kind == "kl":
+            logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], use_cache=False).logits
+            logp = F.log_softmax(logits[:, :-1].float(), dim=-1)
+            ref = b["ref"]
+            kl = (ref.exp() * (ref - logp)).sum(dim=-1)  # [N, T-1]: position t predicts token t+1
+            m = mask[:, 1:].float()
+            return self.weight * ((kl * m).sum(dim=1) / m.sum(dim=1).clamp(min=1)).mean()
+        proj = self._projections(model, b["input_ids"], b["attention_mask"])
+        gap = self.bench.gap
+        terms = [match_penalty(proj[i], b[f"ref.{i}"], float(gap[i]), mask) for i in self.layers]
+        return self.weight * torch.stack(terms).mean()
+
+
+def _drift_trainer_class() -> type:
+    """``SFTTrainer`` that adds an :class:`ExtraTerm` (and its training-only steering) to every step's loss."""
+    from trl import SFTTrainer
+
+    class DriftTrainer(SFTTrainer):
+        def __init__(self, *args: Any, extra: ExtraTerm | None = None, **kwargs: Any):
+            super().__init__(*args, **kwargs)
+            self.extra = extra
+
+        def compute_loss(self, model: nn.Module, inputs: dict, return_outputs: bool = False,
+                         num_items_in_batch: Any = None) -> Any:
+            if self.extra is None:
+                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            steering = self.extra.steering(model)
+            try:
+                result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            finally:
+                if steering is not None:
+                    steering.detach()
+            loss, outputs = result if return_outputs else (result, None)
+            loss = loss + self.extra.loss(model)
+            return (loss, outputs) if return_outputs else loss
+
+    return DriftTrainer
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# One run
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _callback(bench: Bench, arm: Arm) -> AnchorCallback:
+    cfg = bench.cfg
+    common = dict(replay_batch_size=cfg.replay_batch_size, replay_refresh_steps=cfg.replay_refresh_steps,
+                  replay_max_new_tokens=cfg.replay_max_new_tokens, probe_every=0)
+    if arm.method == "preventative":
+        config = AnchorConfig(method="preventative", weight=1.0, steer_coefficient=arm.strength,
+                              layers=cfg.steer_layers or steer_band(bench.n_layers), **common)
+    else:
+        config = AnchorConfig(method=arm.method, weight=arm.strength, **common)
+    return AnchorCallback(config, axis=bench.axis)
+
+
+def _extra(bench: Bench, arm: Arm, seed: int) -> ExtraTerm | None:
+    if arm.method == "lm-replay":
+        return ExtraTerm(bench, "lm", arm.strength, seed, None)
+    if arm.method == "kl":
+        return ExtraTerm(bench, "kl", arm.strength, seed, None)
+    if arm.method == "prev+replay":
+        axis, cfg = bench.axis, bench.cfg
+        steer = {i: steering_vector(axis, i, cfg.prev_k) for i in (cfg.steer_layers or steer_band(bench.n_layers))}
+        first = default_layers(axis)[0]
+        return ExtraTerm(bench, "proj", arm.strength, seed, steer, layers=range(first, bench.n_layers))
+    return None
+
+
+def train_arm(bench: Bench, arm: Arm, seed: int) -> tuple[nn.Module, float]:
+    """Fine-tune a fresh copy of the base model under ``arm``; returns (model, final training loss)."""
+    from datasets import Dataset
+    from transformers import PrinterCallback
+    from trl import SFTConfig
+
+    cfg = bench.cfg
+    model = copy.deepcopy(bench.base).requires_grad_(True).train()
+    with tempfile.TemporaryDirectory(prefix="bench-drift-") as out, warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*gradient_checkpointing.*", category=FutureWarning)
+        args = SFTConfig(
+            output_dir=out, max_steps=cfg.steps, per_device_train_batch_size=cfg.batch_size,
+            learning_rate=cfg.learning_rate, lr_scheduler_type="constant_with_warmup",
+            warmup_steps=max(1, cfg.steps // 10), weight_decay=0.0, logging_steps=max(1, cfg.steps // 5),
+            report_to="none", save_strategy="no", seed=seed, data_seed=seed, disable_tqdm=True,
+            dataloader_num_workers=0, gradient_checkpointing=False, bf16=cfg.dtype == "bf16",
+            use_cpu=cfg.device == "cpu", remove_unused_columns=False, dataset_kwargs={"skip_prepare_dataset": True},
+        )
+        callbacks = [_callback(bench, arm)] if arm.method in CALLBACK_METHODS else []
+        trainer = _drift_trainer_class()(
+            model=model, args=args, train_dataset=Dataset.from_list(bench.train_rows), processing_class=bench.tok,
+            data_collator=Collator(bench.tok.pad_token_id), callbacks=callbacks, extra=_extra(bench, arm, seed))
+        trainer.remove_callback(PrinterCallback)  # the benchmark prints its own one line per run
+        trainer.train()
+        losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    return unwrap(model).eval().requires_grad_(False), (losses[-1] if losses else float("nan"))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Statistics
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _mean_sem(x: torch.Tensor) -> tuple[float, float]:
+    """Mean and standard error of the finite entries of ``x`` (flattened)."""
+    x = x.flatten().double()
+    x = x[torch.isfinite(x)]
+    n = x.numel()
+    if n == 0:
+        return float("nan"), float("nan")
+    return float(x.mean()), float(x.std() / math.sqrt(n)) if n > 1 else float("nan")
+
+
+def run_record(bench: Bench, arm: Arm, seed: int, m: Measurement, train_s: float, measure_s: float,
+               final_loss: float) -> dict[str, Any]:
+    """One run's drift from the base model (paired per prompt), plus the per-answer differences for pooling."""
+    base = bench.base_measure
+    d_proj = (m.proj - base.proj) / bench.gap  # [M, L] in gaps
+    d_behav = m.role_likeness - base.role_likeness  # [M]
+    behav, behav_sem = _mean_sem(d_behav)
+    return {
+        "arm": arm.name, "method": arm.method, "strength": arm.strength, "kind": arm.kind, "seed": seed,
+        "train_s": round(train_s, 2), "measure_s": round(measure_s, 2), "final_train_loss": final_loss,
+        "behaviour_drift": behav, "behaviour_sem": behav_sem,
+        "proj_drift_gaps": [float(v) for v in d_proj.nanmean(dim=0)],
+        "task_loss": m.task_loss, "base_answer_loss": m.base_answer_loss,
+        "sample_answers": [bench.tok.decode(a) for a in m.answers[:3]],
+        "_d_proj": d_proj, "_d_behav": d_behav, "_sources": bench.sources,
+    }
+
+
+def summarise_arm(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Pool the paired per-answer differences over seeds: mean and standard error per measure."""
+    d_behav = torch.cat([r["_d_behav"] for r in runs])
+    d_proj = torch.cat([r["_d_proj"] for r in runs])  # [seeds*M, L]
+    behav, behav_sem = _mean_sem(d_behav)
+    per_layer = [_mean_sem(d_proj[:, i]) for i in range(d_proj.shape[1])]
+    sources = runs[0]["_sources"] * len(runs)
+    by_source = {name: _mean_sem(d_behav[torch.tensor([s == name for s in sources])])
+                 for name in dict.fromkeys(sources)}
+    task = torch.tensor([r["task_loss"] for r in runs])
+    kept = torch.tensor([r["base_answer_loss"] for r in runs])
+    return {
+        "arm": runs[0]["arm"], "method": runs[0]["method"], "strength": runs[0]["strength"], "kind": runs[0]["kind"],
+        "seeds": sorted(r["seed"] for r in runs),
+        "behaviour_drift": behav, "behaviour_sem": behav_sem,
+        "behaviour_drift_by_source": {name: {"mean": m, "sem": e} for name, (m, e) in by_source.items()},
+        "proj_drift_gaps": [m for m, _ in per_layer], "proj_drift_sem": [e for _, e in per_layer],
+        "task_loss": float(task.mean()), "task_loss_sem": _mean_sem(task)[1],
+        "base_answer_loss": float(kept.mean()), "base_answer_loss_sem": _mean_sem(kept)[1],
+        "train_s": sum(r["train_s"] for r in runs) / len(runs),
+    }
+
+
+def compare(arm: dict[str, Any], ref: dict[str, Any]) -> dict[str, Any]:
+    """Ratios of ``arm`` to the unanchored arm ``ref``, and whether the target is met.
+
+    The behavioural ratio keeps its sign (negative = overshot past the base model); its error is the delta-method
+    propagation of both standard errors. Projection: the mean over layers of |drift| relative to unanchored's, and
+    the worst single layer's |drift| / |unanchored drift| at that layer.
+    """
+    b, bs, u, us = arm["behaviour_drift"], arm["behaviour_sem"], ref["behaviour_drift"], ref["behaviour_sem"]
+    ratio = b / u if u else float("nan")
+    err = math.sqrt(bs ** 2 + (ratio * us) ** 2) / abs(u) if u else float("nan")
+    p = torch.tensor(arm["proj_drift_gaps"]).abs()
+    q = torch.tensor(ref["proj_drift_gaps"]).abs()
+    per_layer = p / q.clamp(min=1e-12)
+    worst = int(per_layer.argmax())
+    task_change = (arm["task_loss"] - ref["task_loss"]) / ref["task_loss"]
+    out = {
+        "behaviour_pct": 100 * ratio, "behaviour_pct_err": 100 * err,
+        "proj_mean_pct": 100 * float(p.mean() / q.mean()),
+        "proj_worst_pct": 100 * float(per_layer[worst]), "proj_worst_layer": worst,
+        "task_loss_change_pct": 100 * task_change,
+    }
+    out["meets_target"] = bool(abs(ratio) <= TARGET_RATIO and float(per_layer.max()) <= TARGET_RATIO
+                               and task_change <= TARGET_TASK)
+    return out
+
+
+def verdict(arms: list[dict[str, Any]]) -> dict[str, Any]:
+    """The recommended default and whether the axis beats the axis-free controls, from the numbers alone."""
+    scored = [a for a in arms if a["method"] != "unanchored" and "vs_unanchored" in a]
+
+    def badness(a: dict[str, Any]) -> float:
+        c = a["vs_unanchored"]
+        return max(abs(c["behaviour_pct"]), c["proj_worst_pct"])
+
+    within_task = [a for a in scored if a["vs_unanchored"]["task_loss_change_pct"] <= 100 * TARGET_TASK]
+    axis_arms = [a for a in within_task if a["method"] not in AXIS_FREE]
+    controls = [a for a in within_task if a["method"] in AXIS_FREE]
+    best_axis = min(axis_arms, key=badness, default=None)
+    best_control = min(controls, key=badness, default=None)
+    meeting = [a["arm"] for a in scored if a["vs_unanchored"]["meets_target"]]
+    out: dict[str, Any] = {"meeting_target": meeting,
+                           "best_axis_arm": best_axis["arm"] if best_axis else None,
+                           "best_control_arm": best_control["arm"] if best_control else None}
+    lines = []
+    if meeting:
+        lines.append(f"Meets the target: {', '.join(meeting)}.")
+    else:
+        lines.append("No arm meets the target (behaviour and every layer within 20% of unanchored, task loss <= +5%).")
+    if best_axis:
+        c = best_axis["vs_unanchored"]
+        lines.append(f"Best axis arm within the task-loss budget: {best_axis['arm']} (behaviour "
+                     f"{c['behaviour_pct']:.0f}% ± {c['behaviour_pct_err']:.0f}% of unanchored, worst layer "
+                     f"{c['proj_worst_pct']:.0f}%, task loss {c['task_loss_change_pct']:+.1f}%).")
+    if best_axis and best_control:
+        a, c = best_axis["vs_unanchored"], best_control["vs_unanchored"]
+        gap = abs(a["behaviour_pct"]) - abs(c["behaviour_pct"])
+        noise = math.hypot(a["behaviour_pct_err"], c["behaviour_pct_err"])
+        if gap > noise:
+            lines.append(f"The axis-free control {best_control['arm']} keeps behaviour better "
+                         f"({c['behaviour_pct']:.0f}% vs {a['behaviour_pct']:.0f}%): on this set-up the axis adds "
+                         "nothing over it.")
+        elif gap < -noise:
+            lines.append(f"The axis beats the best axis-free control {best_control['arm']} on behaviour "
+                         f"({a['behaviour_pct']:.0f}% vs {c['behaviour_pct']:.0f}%).")
+        else:
+            lines.append(f"The best axis arm and the axis-free control {best_control['arm']} are within error on "
+                         f"behaviour ({a['behaviour_pct']:.0f}% vs {c['behaviour_pct']:.0f}%): the axis adds "
+                         "nothing measurable on behaviour here.")
+    out["summary"] = " ".join(lines)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Output
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def device_slug(device: str) -> str:
+    """``cpu``, or the GPU model in lower case (``h100``) for result file names."""
+    if device == "cpu" or not torch.cuda.is_available():
+        return "cpu"
+    found = re.search(r"[A-Z]+\d+[A-Za-z]*", torch.cuda.get_device_name())
+    return found.group(0).lower() if found else "cuda"
+
+
+def build_report(bench: Bench, runs: list[dict[str, Any]], skipped: list[str], meta: dict[str, Any]) -> dict[str, Any]:
+    base = bench.base_measure
+    by_arm: dict[str, list[dict[str, Any]]] = {}
+    for r in runs:
+        by_arm.setdefault(r["arm"], []).append(r)
+    arms = [summarise_arm(rs) for rs in by_arm.values()]
+    ref = next((a for a in arms if a["method"] == "unanchored"), None)
+    if ref is not None:
+        for a in arms:
+            a["vs_unanchored"] = compare(a, ref)
+    behav_base, behav_base_sem = _mean_sem(base.role_likeness)
+    return {
+        **meta,
+        "base": {"task_loss": base.task_loss, "base_answer_loss": base.base_answer_loss,
+                 "role_likeness": behav_base, "role_likeness_sem": behav_base_sem,
+                 "proj": [float(v) for v in base.proj.nanmean(dim=0)], "gap": [float(v) for v in bench.gap],
+                 "sample_answers": [bench.tok.decode(a) for a in base.answers[:3]]},
+        "arms": arms,
+        "verdict": verdict(arms) if ref is not None else None,
+        "runs": [{k: v for k, v in r.items() if not k.startswith("_")} for r in runs],
+        "skipped": skipped,
+    }
+
+
+def _fmt(x: float, spec: str = ".3f") -> str:
+    return "n/a" if x is None or not math.isfinite(x) else format(x, spec)
+
+
+def markdown(report: dict[str, Any]) -> str:
+    cfg, base = report["config"], report["base"]
+    lines = [
+        f"# Drift benchmark ({report['device']})", "",
+        f"{report['model']}, full fine-tuning with TRL SFTTrainer on {report['data']['n_train']} in-role answers of "
+        f"the roles {', '.join(report['data']['roles'])} (no system prompt), {cfg['steps']} steps × batch "
+        f"{cfg['batch_size']}, lr {cfg['learning_rate']:g}, {cfg['dtype']}. Measured on {report['data']['n_measure']} "
+        f"default-persona prompts disjoint from training ({report['data']['n_heldout_questions']} held-out questions + "
+        f"{report['data']['n_probes']} probes), greedy answers of {cfg['measure_max_new_tokens']} tokens; "
+        f"task loss on {report['data']['n_task']} held-out in-role answers. Elapsed {report['elapsed_s']:.0f}s.", "",
+        "Behavioural drift: change of the frozen base model's NLL(answer | default) − NLL(answer | far role) "
+        "(nats/token, higher = more role-like), ± standard error over seeds × answers. Projection drift: change of the "
+        "mean answer projection, in default-to-role gaps, at every layer. % columns are relative to unanchored.", "",
+        f"Base model: role-likeness {_fmt(base['role_likeness'])}, task loss {_fmt(base['task_loss'])}, base-answer "
+        f"loss {_fmt(base['base_answer_loss'])}.", "",
+        "| arm | kind | seeds | behav. drift | behav. % of unanch. | mean abs proj. drift (gaps) | % | worst layer % "
+        "(layer) | task loss | task Δ% | base-answer loss | target |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for a in report["arms"]:
+        c = a.get("vs_unanchored", {})
+        mean_abs = sum(abs(v) for v in a["proj_drift_gaps"]) / len(a["proj_drift_gaps"])
+        behav_pct = (f"{_fmt(c.get('behaviour_pct'), '.0f')}% ± {_fmt(c.get('behaviour_pct_err'), '.0f')}%"
+                     if c else "n/a")
+        unanchored = a["method"] == "unanchored"
+        lines.append(
+            f"| {a['arm']} | {a['kind']} | {len(a['seeds'])} | {_fmt(a['behaviour_drift'])} ± "
+            f"{_fmt(a['behaviour_sem'])} | {behav_pct} | {_fmt(mean_abs)} | {_fmt(c.get('proj_mean_pct'), '.0f')}% | "
+            f"{_fmt(c.get('proj_worst_pct'), '.0f')}% ({c.get('proj_worst_layer', '-')}) | {_fmt(a['task_loss'])} | "
+            f"{_fmt(c.get('task_loss_change_pct'), '+.1f')}% | {_fmt(a['base_answer_loss'])} | "
+            f"{'-' if unanchored else ('**yes**' if c.get('meets_target') else 'no')} |")
+    if report.get("verdict"):
+        lines += ["", f"**Verdict.** {report['verdict']['summary']}"]
+    if report["skipped"]:
+        lines += ["", f"Skipped for the time budget: {', '.join(report['skipped'])}."]
+    lines += ["", f"Per-layer drift: `{report['plot']}`."]
+    return "\n".join(lines) + "\n"
+
+
+def plot(report: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(14, 5), gridspec_kw={"width_ratios": [3, 2]})
+    for a in report["arms"]:
+        y = torch.tensor(a["proj_drift_gaps"])
+        s = torch.tensor(a["proj_drift_sem"]).nan_to_num(0.0)
+        x = range(len(y))
+        style = "-" if a["kind"] in ("baseline", "callback") else "--"
+        line, = ax.plot(x, y, style, label=a["arm"], lw=2.2 if a["method"] == "unanchored" else 1.4)
+        ax.fill_between(x, y - s, y + s, color=line.get_color(), alpha=0.15)
+    ax.axhline(0, color="k", lw=0.8)
+    ax.set_xlabel("layer")
+    ax.set_ylabel("projection drift (default-to-role gaps; < 0 = away from the Assistant)")
+    ax.set_title("Projection drift of the fine-tuned model's own default answers")
+    if report["arms"]:
+        ax.legend(fontsize=7, ncol=2)
+    names = [a["arm"] for a in report["arms"]]
+    vals = [a["behaviour_drift"] for a in report["arms"]]
+    errs = [0.0 if not math.isfinite(a["behaviour_sem"]) else a["behaviour_sem"] for a in report["arms"]]
+    bx.barh(range(len(names)), vals, xerr=errs, color="tab:gray")
+    bx.set_yticks(range(len(names)), names, fontsize=8)
+    bx.invert_yaxis()
+    bx.axvline(0, color="k", lw=0.8)
+    bx.set_xlabel("behavioural drift (nats/token, > 0 = more role-like)")
+    bx.set_title("Behavioural drift ± s.e.")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_outputs(report: dict[str, Any], stem: Path) -> None:
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    report["plot"] = stem.with_suffix(".png").name
+    stem.with_suffix(".json").write_text(json.dumps(report, indent=1))
+    stem.with_suffix(".md").write_text(markdown(report))
+    plot(report, stem.with_suffix(".png"))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The benchmark
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def run_bench(bench: Bench, stem: Path, meta: dict[str, Any], start: float,
+              log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Train and measure every arm for every seed (seed-major), rewriting the results after each run."""
+    cfg = bench.cfg
+    plan = [(seed, arm) for seed in range(cfg.seeds) for arm in cfg.arms]
+    runs: list[dict[str, Any]] = []
+    skipped: list[str] = []
+    report: dict[str, Any] = {}
+    for k, (seed, arm) in enumerate(plan):
+        elapsed = time.perf_counter() - start
+        done = [r["train_s"] + r["measure_s"] for r in runs if r["arm"] == arm.name]
+        estimate = max(done) if done else (max((r["train_s"] + r["measure_s"] for r in runs), default=0.0))
+        if cfg.budget_s is not None and elapsed + estimate > cfg.budget_s:
+            skipped.append(f"{arm.name}/seed{seed}")
+            log(f"[{k + 1}/{len(plan)}] skip {arm.name} seed {seed}: {elapsed:.0f}s + ~{estimate:.0f}s > budget")
+            continue
+        log(f"[{k + 1}/{len(plan)}] {arm.name} seed {seed} ({elapsed:.0f}s elapsed)")
+        t0 = time.perf_counter()
+        model, final_loss = train_arm(bench, arm, seed)
+        t1 = time.perf_counter()
+        m = bench.measure(model, bench.base_measure.answers)
+        t2 = time.perf_counter()
+        del model
+        runs.append(run_record(bench, arm, seed, m, t1 - t0, t2 - t1, final_loss))
+        r = runs[-1]
+        log(f"    train {t1 - t0:.1f}s, measure {t2 - t1:.1f}s; loss {final_loss:.3f}, behaviour drift "
+            f"{r['behaviour_drift']:+.3f}, mean |proj drift| "
+            f"{sum(abs(v) for v in r['proj_drift_gaps']) / len(r['proj_drift_gaps']):.3f} gaps, task loss "
+            f"{r['task_loss']:.3f}")
+        report = build_report(bench, runs, skipped, {**meta, "elapsed_s": time.perf_counter() - start})
+        write_outputs(report, stem)
+    report = build_report(bench, runs, skipped, {**meta, "elapsed_s": time.perf_counter() - start})
+    write_outputs(report, stem)
+    return report
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", choices=("fp32", "bf16"), default=None,
+                        help="training precision (bf16 = mixed-precision autocast); default bf16 on cuda, fp32 on cpu")
+    parser.add_argument("--seeds", type=int, default=None, help="seeds per arm (default 3; 1 with --quick)")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="optimizer steps per run (default 150; 20 with --quick)")
+    parser.add_argument("--methods", nargs="+", default=None,
+                        help=f"methods, optionally with a strength (replay:10); default all: {sorted(DEFAULT_GRID)}")
+    parser.add_argument("--quick", action="store_true", help="a small configuration for a 2-core CPU (~10 min)")
+    parser.add_argument("--lr", type=float, default=None, help="learning rate (default 5e-5; 1e-4 with --quick)")
+    parser.add_argument("--axis", default=str(REFERENCE_AXIS), help="axis bundle of the embedded model")
+    parser.add_argument("--budget-s", type=float, default=None,
+                        help="skip runs that would end after this many seconds from the start (default: none)")
+    parser.add_argument("--data", default=None,
+                        help="persona-data directory: loaded if it holds data built with the same settings, else "
+                             "built and saved there (default: built in memory)")
+    parser.add_argument("--tag", default="", help="suffix of the result file names")
+    return parser.parse_args(argv)
+
+
+def config_from_args(args: argparse.Namespace) -> BenchConfig:
+    quick = args.quick
+    methods = args.methods or (list(QUICK_METHODS) if quick else list(DEFAULT_GRID))
+    cuda = args.device == "cuda"
+    cfg = BenchConfig(
+        arms=parse_arms(methods), seeds=args.seeds or (1 if quick else 3), steps=args.steps or (20 if quick else 150),
+        learning_rate=args.lr or (1e-4 if quick else 5e-5), device=args.device,
+        dtype=args.dtype or ("bf16" if cuda else "fp32"), budget_s=args.budget_s,
+        gen_batch_size=128 if cuda else 16, tag=args.tag or ("quick" if quick else ""),
+    )
+    if quick:  # every forward is over fewer, shorter sequences: 2 roles, batch 4, 24-token answers
+        cfg.n_roles, cfg.n_questions, cfg.data_max_new_tokens, cfg.n_probes = 2, 32, 24, 8
+        cfg.batch_size, cfg.measure_max_new_tokens = 4, 24
+        cfg.replay_batch_size, cfg.replay_max_new_tokens = 4, 16
+    return cfg
+
+
+def persona_data(model: nn.Module, tokenizer: Any, axis: AssistantAxis, cfg: BenchConfig,
+                 directory: str | None) -> PersonaData:
+    """The persona-implant data: read from ``directory`` when it was built with the same model and settings."""
+    settings = {"n_roles": cfg.n_roles, "n_questions": cfg.n_questions, "heldout_fraction": cfg.heldout_fraction,
+                "max_new_tokens": cfg.data_max_new_tokens, "seed": 0, "role_names": None}
+    if directory is not None and (Path(directory) / DATA_CONFIG).is_file():
+        data = PersonaData.load(directory)
+        if data.metadata.get("settings") == settings and data.metadata.get("fingerprint") == fingerprint(model):
+            return data
+    data = build_persona_data(model, tokenizer, axis, n_roles=cfg.n_roles, n_questions=cfg.n_questions,
+                              heldout_fraction=cfg.heldout_fraction, max_new_tokens=cfg.data_max_new_tokens,
+                              batch_size=256 if cfg.device == "cuda" else 16)
+    if directory is not None:
+        data.save(directory)
+    return data
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    cfg = config_from_args(args)
+    start = time.perf_counter()
+
+    def log(message: str) -> None:
+        print(message, flush=True)
+
+    if cfg.device == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+    model, tokenizer = load_model("smollm2", device=cfg.device)
+    axis = AssistantAxis.from_pretrained(args.axis)
+    axis.check_compatible(model)
+    log(f"model and axis loaded ({time.perf_counter() - start:.0f}s); arms: {', '.join(a.name for a in cfg.arms)}")
+    t0 = time.perf_counter()
+    data = persona_data(model, tokenizer, axis, cfg, args.data)
+    log(f"persona data: {len(data.sft_train)} train / {len(data.sft_heldout)} held-out in-role answers of "
+        f"{', '.join(data.roles)} ({time.perf_counter() - t0:.0f}s)")
+    bench = Bench(model, tokenizer, axis, data, cfg, log)
+    device = "cpu" if cfg.device == "cpu" else torch.cuda.get_device_name()
+    meta = {
+        "benchmark": "bench_drift", "device": device, "torch": torch.__version__, "python": platform.python_version(),
+        "threads": torch.get_num_threads(), "model": "SmolLM2-135M-Instruct (embedded)", "axis": args.axis,
+        "config": cfg.to_json(),
+        "data": {"roles": list(data.roles), "n_train": len(data.sft_train), "n_task": len(data.sft_heldout),
+                 "n_heldout_questions": len(data.drift_questions), "n_probes": bench.sources.count("probe"),
+                 "n_measure": len(bench.prompts), "replay_pool": len(bench.pool)},
+        "target": {"ratio": TARGET_RATIO, "task_loss_increase": TARGET_TASK},
+    }
+    name = f"bench_drift_{device_slug(cfg.device)}" + (f"_{cfg.tag}" if cfg.tag else "")
+    report = run_bench(bench, cfg.out_dir / name, meta, start, log)
+    log(markdown(report))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

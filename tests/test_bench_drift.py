@@ -1,0 +1,144 @@
+"""scripts/bench_drift.py on the tiny model: the measurement is exact at the base model, the experimental terms
+vanish there, the ratios are the documented ones, and a full (2-step) run writes complete results."""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from anchor.data import build_persona_data
+from tests.conftest import TINY_QUESTIONS, TINY_ROLES, make_tiny_model
+
+SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "bench_drift.py"
+QUESTIONS = [*TINY_QUESTIONS, "Why is grass green?", "What is a fox?", "Name a colour.", "Where is Paris?"]
+
+
+def _load_script():
+    spec = importlib.util.spec_from_file_location("bench_drift", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["bench_drift"] = module  # dataclasses look their module up while the class is built
+    spec.loader.exec_module(module)
+    return module
+
+
+bd = _load_script()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _config(tmp_path: Path, methods: list[str], **overrides) -> bd.BenchConfig:
+    settings = dict(arms=bd.parse_arms(methods), seeds=1, steps=2, batch_size=2, n_probes=4, measure_max_new_tokens=6,
+                    replay_max_new_tokens=6, replay_batch_size=2, replay_refresh_steps=1, gen_batch_size=8,
+                    out_dir=tmp_path)
+    settings.update(overrides)
+    return bd.BenchConfig(**settings)
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tiny_tokenizer):
+    model = make_tiny_model(tiny_tokenizer)
+    return build_persona_data(model, tiny_tokenizer, None, role_names=list(TINY_ROLES), roles=TINY_ROLES,
+                              questions=QUESTIONS, n_questions=8, max_new_tokens=6, progress=False)
+
+
+def _bench(tiny_tokenizer, tiny_axis, tiny_data, cfg):
+    return bd.Bench(make_tiny_model(tiny_tokenizer), tiny_tokenizer, tiny_axis, tiny_data, cfg, log=lambda _: None)
+
+
+def test_arms_expand_to_the_default_grid_or_the_given_strength():
+    arms = bd.parse_arms(["floor", "replay:3", "kl"])
+    assert [a.name for a in arms] == ["unanchored", "floor:1", "floor:10", "replay:3", "kl:1"]
+    assert [a.kind for a in arms] == ["baseline", "callback", "callback", "callback", "control (no axis)"]
+    assert bd.Arm("prev+replay", 10).kind == "experimental"
+    with pytest.raises(ValueError, match="Unknown method 'flor'"):
+        bd.parse_arms(["flor"])
+
+
+def test_ratios_to_unanchored_by_hand():
+    ref = {"behaviour_drift": 0.5, "behaviour_sem": 0.05, "proj_drift_gaps": [-1.0, -2.0, 0.5], "task_loss": 2.0}
+    arm = {"behaviour_drift": -0.05, "behaviour_sem": 0.02, "proj_drift_gaps": [0.1, -0.2, 0.05], "task_loss": 2.08}
+    c = bd.compare(arm, ref)
+    assert c["behaviour_pct"] == pytest.approx(-10.0)
+    assert c["behaviour_pct_err"] == pytest.approx(100 * math.sqrt(0.02 ** 2 + (0.1 * 0.05) ** 2) / 0.5)
+    assert c["proj_mean_pct"] == pytest.approx(100 * (0.35 / 3) / (3.5 / 3))
+    assert c["proj_worst_pct"] == pytest.approx(10.0) and c["proj_worst_layer"] in (0, 1, 2)
+    assert c["task_loss_change_pct"] == pytest.approx(4.0)
+    assert c["meets_target"]
+    assert not bd.compare({**arm, "task_loss": 2.2}, ref)["meets_target"]  # +10% task loss
+    assert not bd.compare({**arm, "proj_drift_gaps": [0.1, -0.2, 0.2]}, ref)["meets_target"]  # 40% at layer 2
+
+
+def test_measuring_the_base_model_again_gives_exactly_zero_drift(tiny_tokenizer, tiny_axis, tiny_data, tmp_path):
+    bench = _bench(tiny_tokenizer, tiny_axis, tiny_data, _config(tmp_path, []))
+    again = bench.measure(copy.deepcopy(bench.base), bench.base_measure.answers)
+    record = bd.run_record(bench, bd.Arm("unanchored"), 0, again, 0.0, 0.0, float("nan"))
+    assert record["behaviour_drift"] == 0.0
+    assert all(v == 0.0 for v in record["proj_drift_gaps"])
+    assert again.base_answer_loss == bench.base_measure.base_answer_loss
+    # The gap is the default-to-role distance the axis itself defines: its raw norm at every layer.
+    assert torch.allclose(bench.gap, tiny_axis.axis.norm(dim=-1), rtol=1e-4)
+    assert len(bench.prompts) == len(tiny_data.drift_questions) + 4
+
+
+@pytest.mark.parametrize("kind", ["kl", "proj"])
+def test_on_policy_terms_vanish_at_the_base_model_and_grow_once_it_moves(tiny_tokenizer, tiny_axis, tiny_data,
+                                                                         tmp_path, kind):
+    bench = _bench(tiny_tokenizer, tiny_axis, tiny_data, _config(tmp_path, []))
+    term = bd.ExtraTerm(bench, kind, 1.0, seed=0, steer=None, layers=[2, 3])
+    policy = copy.deepcopy(bench.base).requires_grad_(True).train()
+    assert float(term.loss(policy).detach()) == pytest.approx(0.0, abs=1e-6)
+    with torch.no_grad():
+        for p in policy.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    moved = term.loss(policy)
+    assert float(moved.detach()) > 1e-4
+    moved.backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in policy.parameters())
+
+
+@pytest.mark.slow
+def test_a_short_run_of_every_kind_of_arm_writes_complete_results(tiny_tokenizer, tiny_axis, tiny_data, tmp_path):
+    methods = ["floor:1", "lm-replay:1", "kl:1", "prev+replay:1"]  # callback, LM, KL, steering + projection
+    cfg = _config(tmp_path, methods)
+    bench = _bench(tiny_tokenizer, tiny_axis, tiny_data, cfg)
+    meta = {"device": "cpu", "model": "tiny", "config": cfg.to_json(),
+            "data": {"roles": list(tiny_data.roles), "n_train": len(tiny_data.sft_train),
+                     "n_task": len(tiny_data.sft_heldout), "n_heldout_questions": len(tiny_data.drift_questions),
+                     "n_probes": 4, "n_measure": len(bench.prompts)}}
+    report = bd.run_bench(bench, tmp_path / "bench_drift_tiny", meta, start=0.0, log=lambda _: None)
+
+    saved = json.loads((tmp_path / "bench_drift_tiny.json").read_text())
+    assert [a["arm"] for a in saved["arms"]] == ["unanchored", *methods]
+    assert saved["arms"][0]["vs_unanchored"]["behaviour_pct"] == pytest.approx(100.0)
+    for arm in saved["arms"]:
+        assert math.isfinite(arm["behaviour_drift"]) and math.isfinite(arm["task_loss"])
+        assert len(arm["proj_drift_gaps"]) == tiny_axis.n_layers
+    # Training moved the model: the unanchored run's own answers project differently from the base model's.
+    assert any(v != 0.0 for v in saved["arms"][0]["proj_drift_gaps"])
+    table = (tmp_path / "bench_drift_tiny.md").read_text()
+    assert all(f"| {m} |" in table for m in methods) and "**Verdict.**" in table
+    assert (tmp_path / "bench_drift_tiny.png").stat().st_size > 0
+    assert report["verdict"]["summary"]
+
+
+def test_a_spent_budget_skips_runs_and_still_writes_results(tiny_tokenizer, tiny_axis, tiny_data, tmp_path):
+    cfg = _config(tmp_path, ["floor:1"], budget_s=0.0)
+    bench = _bench(tiny_tokenizer, tiny_axis, tiny_data, cfg)
+    meta = {"device": "cpu", "model": "tiny", "config": cfg.to_json(),
+            "data": {"roles": [], "n_train": 0, "n_task": 0, "n_heldout_questions": 0, "n_probes": 0, "n_measure": 0}}
+    report = bd.run_bench(bench, tmp_path / "spent", meta, start=-1.0, log=lambda _: None)
+    assert report["skipped"] == ["unanchored/seed0", "floor:1/seed0"]
+    assert "Skipped for the time budget" in (tmp_path / "spent.md").read_text()
