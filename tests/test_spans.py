@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 from jinja2.exceptions import TemplateError
-from tokenizers_util import CHATML, FAMILIES, Family, chatml, gemma, llama3, slow_chatml, smollm2
 
 from anchor.spans import ChatEncoding, encode_chat, encode_prompt, render_chat
+from tests.tokenizers_util import CHATML, FAMILIES, Family, chatml, gemma, llama3, slow_chatml, smollm2
 
 # System + 3 user + 3 assistant turns. "yes" also appears in the system prompt and as a whole user
 # turn right before the identical assistant reply, so a plain str.find would pick the wrong place.
