@@ -21,13 +21,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"anchor {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMANDS:
-        try:
-            module = importlib.import_module(f"anchor.commands.{name}")
-        except ModuleNotFoundError as err:
-            if err.name != f"anchor.commands.{name}":
-                raise
-            continue  # a command whose module is not part of this build
-        module.register(sub)
+        importlib.import_module(f"anchor.commands.{name}").register(sub)
     return parser
 
 
