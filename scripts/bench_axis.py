@@ -61,6 +61,35 @@ def timed_axis(model, tokenizer, settings: dict, batch_size: int, seed: int) -> 
         return axis, time.perf_counter() - start
 
 
+def write_results(args: argparse.Namespace, reference: AssistantAxis, ref_seconds: float | None, middle: range,
+                  rows: list[dict]) -> None:
+    result = {
+        "device": args.device if args.device == "cpu" else torch.cuda.get_device_name(),
+        "host": platform.node(), "threads": torch.get_num_threads(), "middle_layers": [middle.start, middle.stop - 1],
+        "reference": {"settings": REFERENCE, "seconds": ref_seconds and round(ref_seconds, 1),
+                      "n_answers": reference.metadata.get("n_answers"), "n_roles": len(reference.role_names),
+                      "n_questions": reference.metadata.get("n_questions"),
+                      "pc1_cosine": [round(float(c), 4) for c in reference.pc1_cosine()],
+                      "default_above_roles_report_layer": round(float(
+                          (reference.role_projections(reference.report_layer)
+                           < reference.default_projection(reference.report_layer)).float().mean()), 4)},
+        "variants": rows,
+    }
+    tag = "cpu" if args.device == "cpu" else "gpu"
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"bench_axis_{tag}.json").write_text(json.dumps(result, indent=2))
+    lines = [f"# bench_axis ({result['device']}, {result['threads']} threads)", "",
+             f"Reference: {result['reference']['n_roles']} roles × {result['reference']['n_questions']} questions, "
+             f"{result['reference']['n_answers']} answers. Middle third = layers {middle.start}–{middle.stop - 1}.", "",
+             "| variant | seconds | answers | cos to reference (middle mean) | (middle min) | role-order Spearman |",
+             "|---|---|---|---|---|---|"]
+    lines += [f"| {r['name']} | {r['seconds']} | {r['n_answers']} | {r['cos_middle_mean']:.3f} | "
+              f"{r['cos_middle_min']:.3f} | {r['role_order_spearman']} |" for r in rows]
+    (out / f"bench_axis_{tag}.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--reference", help="a saved reference bundle (skips computing it)")
@@ -95,31 +124,7 @@ def main() -> None:
             "pc1_cosine_report_layer": round(float(axis.pc1_cosine()[axis.report_layer]), 4),
         })
         print(f"{name:18s} {seconds:7.1f} s  cos(middle) mean {rows[-1]['cos_middle_mean']:.3f} min {min(mid):.3f}")
-    result = {
-        "device": args.device if args.device == "cpu" else torch.cuda.get_device_name(),
-        "host": platform.node(), "threads": torch.get_num_threads(), "middle_layers": [middle.start, middle.stop - 1],
-        "reference": {"settings": REFERENCE, "seconds": ref_seconds and round(ref_seconds, 1),
-                      "n_answers": reference.metadata.get("n_answers"), "n_roles": len(reference.role_names),
-                      "n_questions": reference.metadata.get("n_questions"),
-                      "pc1_cosine": [round(float(c), 4) for c in reference.pc1_cosine()],
-                      "default_above_roles_report_layer": round(float(
-                          (reference.role_projections(reference.report_layer)
-                           < reference.default_projection(reference.report_layer)).float().mean()), 4)},
-        "variants": rows,
-    }
-    tag = "cpu" if args.device == "cpu" else "gpu"
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"bench_axis_{tag}.json").write_text(json.dumps(result, indent=2))
-    lines = [f"# bench_axis ({result['device']}, {result['threads']} threads)", "",
-             f"Reference: {result['reference']['n_roles']} roles × {result['reference']['n_questions']} questions, "
-             f"{result['reference']['n_answers']} answers. Middle third = layers {middle.start}–{middle.stop - 1}.", "",
-             "| variant | seconds | answers | cos to reference (middle mean) | (middle min) | role-order Spearman |",
-             "|---|---|---|---|---|---|"]
-    lines += [f"| {r['name']} | {r['seconds']} | {r['n_answers']} | {r['cos_middle_mean']:.3f} | "
-              f"{r['cos_middle_min']:.3f} | {r['role_order_spearman']} |" for r in rows]
-    (out / f"bench_axis_{tag}.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+        write_results(args, reference, ref_seconds, middle, rows)
 
 
 if __name__ == "__main__":
