@@ -168,11 +168,13 @@ def test_subsets_are_seeded_and_nested(tiny_model, tiny_tokenizer):
 
 RESUME_SCRIPT = textwrap.dedent("""
     import os, signal, sys
+    import torch
     import anchor.extract as ex
     from tests.conftest import make_tiny_model, TINY_ROLES, TINY_QUESTIONS
     from tests import tokenizers_util
     from anchor import compute_axis
 
+    torch.set_num_threads(int(sys.argv[2]))  # float reductions depend on the thread count; match the parent's
     tok = tokenizers_util.chatml(); tok.pad_token = tok.eos_token
     real_save, saved = ex.save_shard, []
 
@@ -190,7 +192,8 @@ RESUME_SCRIPT = textwrap.dedent("""
 
 
 def test_resume_after_killed_extraction_matches_uninterrupted_run(tiny_axis, tiny_tokenizer, tmp_path):
-    proc = subprocess.run([sys.executable, "-c", RESUME_SCRIPT, str(tmp_path)], capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-c", RESUME_SCRIPT, str(tmp_path), str(torch.get_num_threads())],
+                          capture_output=True, text=True)
     assert proc.returncode == -9, proc.stderr
     assert len(list((tmp_path / "shards").glob("0*.safetensors"))) == 2
     calls = []

@@ -31,13 +31,6 @@ def _load_script():
 bd = _load_script()
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def _config(tmp_path: Path, methods: list[str], **overrides) -> bd.BenchConfig:
     settings = dict(arms=bd.parse_arms(methods), seeds=1, steps=2, batch_size=2, n_probes=4, measure_max_new_tokens=6,

@@ -23,14 +23,6 @@ from tests.conftest import make_tiny_model
 LAYERS = [1, 2]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run ~10x faster on one thread when other processes share the CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def _sft_data(n: int = 16) -> Dataset:
     rows = [{"messages": [{"role": "user", "content": f"Is Paris the capital of France? {i}"},

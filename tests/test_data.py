@@ -15,14 +15,6 @@ from tests.conftest import TINY_ROLES, make_tiny_model
 QUESTIONS = [f"Question number {i}: what do you think of topic {i}?" for i in range(12)]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run ~10x faster on one thread when other processes share the CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 @pytest.fixture(scope="module")
 def built(tiny_tokenizer, tiny_axis):

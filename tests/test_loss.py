@@ -21,14 +21,6 @@ from tests.conftest import make_tiny_model
 LAYERS = [1, 2]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run ~10x faster on one thread when other processes share the CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def _batch(vocab: int, seed: int = 1) -> dict[str, torch.Tensor]:
     """Three rows with prompt tokens (label -100), one right-padded row, one with most tokens unlabelled."""
