@@ -125,7 +125,7 @@ class Cap(_Intervention):
         unit = self._vector(layer, hidden, torch.float32)
         h32 = hidden.float()
         deficit = (self.tau[layer] - h32 @ unit).clamp_(min=0).unsqueeze(-1)
-        lifted = (h32 + deficit * unit).to(hidden.dtype)
+        lifted = torch.addcmul(h32, deficit, unit).to(hidden.dtype)
         return torch.where(deficit > 0, lifted, hidden)
 
     def __repr__(self) -> str:

@@ -8,8 +8,10 @@ exactly, with or without (reentrant or not) gradient checkpointing, under DDP an
 
 Methods (``METHODS``):
 
-* ``floor`` — squared hinge on each training token's projection falling below τ (a percentile of the default
-  Assistant's per-answer projections).
+* ``floor`` — squared hinge on each training sequence's mean projection (over its trained tokens) falling below τ,
+  a percentile of the default Assistant's per-answer mean projections: the penalty reads the same statistic τ was
+  calibrated on. (A per-token hinge against a per-answer τ is active on most tokens of the base model itself, since
+  single tokens scatter far more widely than answer means.)
 * ``match`` — two-sided: each token's projection stays equal to the frozen reference model's on the same tokens.
 * ``replay`` — every step also runs a few default-persona conversations, answered by the current model itself
   (re-sampled every few steps), and keeps their projections over a band reaching the late layers equal to the
@@ -93,14 +95,20 @@ def sequence_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     Dividing by the number of rows, not of tokens, keeps the term exactly additive over micro-batches of equal size,
     which is what makes it invariant to gradient accumulation.
     """
+    return row_means(values, mask).mean()
+
+
+def row_means(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of ``values [B, T]`` over the masked tokens of each row: ``[B]`` (0 for a row with none)."""
     m = mask.to(values.dtype)
-    per_row = (values * m).sum(dim=-1) / m.sum(dim=-1).clamp(min=1)
-    return per_row.mean()
+    return (values * m).sum(dim=-1) / m.sum(dim=-1).clamp(min=1)
 
 
 def floor_penalty(proj: torch.Tensor, tau: float, gap: float, mask: torch.Tensor) -> torch.Tensor:
-    """Squared hinge on ``proj [B, T]`` falling below ``tau``, in units of ``gap``."""
-    return sequence_mean(F.relu((tau - proj) / gap) ** 2, mask)
+    """Squared hinge on each row's mean projection of ``proj [B, T]`` over its masked tokens falling below ``tau``, in
+    units of ``gap``, averaged over rows (a row with no masked token counts as 0, as in :func:`sequence_mean`)."""
+    has_tokens = mask.any(dim=-1).to(proj.dtype)
+    return (F.relu((tau - row_means(proj, mask)) / gap) ** 2 * has_tokens).mean()
 
 
 def match_penalty(proj: torch.Tensor, ref: torch.Tensor, gap: float, mask: torch.Tensor) -> torch.Tensor:
@@ -503,7 +511,9 @@ class Anchor:
             m = mask.float()
             n = m.sum()
             self._add_metric(f"proj/layer_{layer}", (proj * m).sum(), n)
-            self._add_metric("below_floor", ((proj < self.tau[layer]).float() * m).sum(), n)
+            rows = mask.any(dim=-1).float()
+            below = (row_means(proj, mask) < self.tau[layer]).float() * rows
+            self._add_metric("below_floor", below.sum(), rows.sum())
             self._add_metric("nonfinite", (~finite).float().sum(), float(finite.numel()))
         penalty = self._layer_penalty(layer, proj, mask)
         if penalty is None:
@@ -544,8 +554,8 @@ class Anchor:
         """``{name: (sum, count)}`` since the last call; the mean is ``sum / count`` (sum both across ranks first).
 
         Names: ``penalty`` (mean over anchor layers, λ not applied), ``replay_penalty``, ``proj/layer_{i}`` (mean
-        projection of the training tokens), ``below_floor`` (fraction of training tokens below τ), ``nonfinite``
-        (fraction of tokens whose projection was NaN/Inf).
+        projection of the training tokens), ``below_floor`` (fraction of training sequences whose mean projection is
+        below τ), ``nonfinite`` (fraction of tokens whose projection was NaN/Inf).
         """
         out = {k: (v[0], v[1]) for k, v in self._metrics.items()}
         self._metrics = {}

@@ -6,14 +6,15 @@ learns to answer plain questions in the role's voice. Every arm trains on the sa
 
 * ``unanchored``: plain SFT, the drift to beat;
 * ``floor``, ``match``, ``replay``, ``preventative``: ``AnchorCallback`` with that method, at a couple of λ (k for
-  preventative steering, which acts on a band of middle layers);
+  preventative steering, which acts on the middle third of the layers);
 * ``lm-replay`` (control, no axis): every step also trains, with the ordinary LM loss, on a batch of default-prompt
-  questions answered by the base model. If it anchors as well, the axis adds nothing;
-* ``kl`` (experimental, no axis): every step also pulls the model's own sampled default-prompt answers towards the
+  training questions answered by the base model. If it anchors as well, the axis adds nothing;
+* ``kl`` (control, no axis): every step also pulls the model's own sampled default-prompt answers towards the
   frozen base model's next-token distributions, KL(base ‖ model);
-* ``prev+replay`` (experimental): preventative steering on the training batch plus on-policy projection replay (the
-  model's own sampled default answers keep the base model's projections at every layer from the middle up),
-  combined in one step, which the callback API cannot do yet.
+* ``prev+lm``, ``prev+kl``, ``prev+replay`` (experimental): preventative steering (k = ``--prev-k``) on the training
+  batch only, plus the ``lm-replay`` or ``kl`` term, or on-policy projection replay (the model's own sampled default
+  answers keep the base model's projections from the first anchor layer up). The replay forward is never steered.
+  The callback takes one method at a time, so these arms are built here (:class:`ExtraTerm`).
 
 Each fine-tuned model is then judged by measures no anchor reads, on default-persona prompts disjoint from all
 training data (the held-out questions of ``anchor.data`` plus the shipped probes, ``anchor.personas.load_probes``):
@@ -81,15 +82,24 @@ IGNORE_INDEX = -100
 # Ordered by promise (DESIGN.md's GPU sweep), so a time budget cuts the expected failures' last seeds first.
 DEFAULT_GRID: dict[str, tuple[float, ...]] = {
     "preventative": (0.01, 0.02),
-    "replay": (1.0, 10.0),
-    "prev+replay": (10.0,),
+    "prev+lm": (1.0,),
+    "prev+kl": (1.0,),
     "lm-replay": (1.0,),
     "kl": (1.0,),
+    "replay": (1.0, 10.0),
     "match": (1.0, 10.0),
     "floor": (1.0, 10.0),
 }
 CALLBACK_METHODS = ("floor", "match", "replay", "preventative")
-EXPERIMENTAL = ("lm-replay", "kl", "prev+replay")
+# Arms built from ExtraTerm: method -> (term, with preventative steering at k = prev_k on the training batch).
+EXTRA_TERMS: dict[str, tuple[str, bool]] = {
+    "lm-replay": ("lm", False),
+    "kl": ("kl", False),
+    "prev+lm": ("lm", True),
+    "prev+kl": ("kl", True),
+    "prev+replay": ("proj", True),
+}
+METHODS = (*CALLBACK_METHODS, *EXTRA_TERMS)
 AXIS_FREE = ("lm-replay", "kl")
 QUICK_METHODS = ("preventative:0.02", "replay:10", "lm-replay:1")
 
@@ -116,7 +126,7 @@ class Arm:
             return "baseline"
         if self.method in AXIS_FREE:
             return "control (no axis)"
-        return "experimental" if self.method in EXPERIMENTAL else "callback"
+        return "experimental" if self.method in EXTRA_TERMS else "callback"
 
 
 def parse_arms(specs: Sequence[str]) -> list[Arm]:
@@ -126,10 +136,10 @@ def parse_arms(specs: Sequence[str]) -> list[Arm]:
         method, _, value = spec.partition(":")
         if method == "unanchored":
             continue
-        if method not in DEFAULT_GRID:
-            raise ValueError(f"Unknown method {method!r} in --methods; choose from {sorted(DEFAULT_GRID)} "
+        if method not in METHODS:
+            raise ValueError(f"Unknown method {method!r} in --methods; choose from {sorted(METHODS)} "
                              "(optionally with a strength, e.g. replay:10).")
-        strengths = (float(value),) if value else DEFAULT_GRID[method]
+        strengths = (float(value),) if value else DEFAULT_GRID.get(method, (1.0,))
         arms += [Arm(method, s) for s in strengths if Arm(method, s) not in arms]
     return arms
 
@@ -154,7 +164,7 @@ class BenchConfig:
     replay_batch_size: int = 8
     replay_refresh_steps: int = 10
     replay_max_new_tokens: int = 48
-    prev_k: float = 0.02  # steering strength of prev+replay
+    prev_k: float = 0.01  # steering strength k of the prev+* arms
     steer_layers: list[int] | None = None  # preventative band; None: the middle third of the network
     gen_batch_size: int = 16
     budget_s: float | None = None
@@ -414,20 +424,18 @@ def _callback(bench: Bench, arm: Arm) -> AnchorCallback:
 
 
 def _extra(bench: Bench, arm: Arm, seed: int) -> ExtraTerm | None:
-    if arm.method == "lm-replay":
-        return ExtraTerm(bench, "lm", arm.strength, seed, None)
-    if arm.method == "kl":
-        return ExtraTerm(bench, "kl", arm.strength, seed, None)
-    if arm.method == "prev+replay":
-        axis, cfg = bench.axis, bench.cfg
-        steer = {i: steering_vector(axis, i, cfg.prev_k) for i in (cfg.steer_layers or steer_band(bench.n_layers))}
-        first = default_layers(axis)[0]
-        return ExtraTerm(bench, "proj", arm.strength, seed, steer, layers=range(first, bench.n_layers))
-    return None
+    if arm.method not in EXTRA_TERMS:
+        return None
+    kind, steered = EXTRA_TERMS[arm.method]
+    axis, cfg = bench.axis, bench.cfg
+    steer = ({i: steering_vector(axis, i, cfg.prev_k) for i in (cfg.steer_layers or steer_band(bench.n_layers))}
+             if steered else None)
+    layers = range(default_layers(axis)[0], bench.n_layers) if kind == "proj" else ()  # the callback's replay band
+    return ExtraTerm(bench, kind, arm.strength, seed, steer, layers)
 
 
-def train_arm(bench: Bench, arm: Arm, seed: int) -> tuple[nn.Module, float]:
-    """Fine-tune a fresh copy of the base model under ``arm``; returns (model, final training loss)."""
+def train_arm(bench: Bench, arm: Arm, seed: int) -> tuple[nn.Module, float, list[dict[str, float]]]:
+    """Fine-tune a fresh copy of the base model under ``arm``: (model, final training loss, the callback's logs)."""
     from datasets import Dataset
     from transformers import PrinterCallback
     from trl import SFTConfig
@@ -450,8 +458,11 @@ def train_arm(bench: Bench, arm: Arm, seed: int) -> tuple[nn.Module, float]:
             data_collator=Collator(bench.tok.pad_token_id), callbacks=callbacks, extra=_extra(bench, arm, seed))
         trainer.remove_callback(PrinterCallback)  # the benchmark prints its own one line per run
         trainer.train()
-        losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-    return unwrap(model).eval().requires_grad_(False), (losses[-1] if losses else float("nan"))
+        history = trainer.state.log_history
+    losses = [h["loss"] for h in history if "loss" in h]
+    anchor_logs = [{k: v for k, v in h.items() if k.startswith("anchor/") or k == "step"} for h in history
+                   if any(k.startswith("anchor/") for k in h)]
+    return unwrap(model).eval().requires_grad_(False), (losses[-1] if losses else float("nan")), anchor_logs
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -727,12 +738,12 @@ def run_bench(bench: Bench, stem: Path, meta: dict[str, Any], start: float,
             continue
         log(f"[{k + 1}/{len(plan)}] {arm.name} seed {seed} ({elapsed:.0f}s elapsed)")
         t0 = time.perf_counter()
-        model, final_loss = train_arm(bench, arm, seed)
+        model, final_loss, anchor_logs = train_arm(bench, arm, seed)
         t1 = time.perf_counter()
         m = bench.measure(model, bench.base_measure.answers)
         t2 = time.perf_counter()
         del model
-        runs.append(run_record(bench, arm, seed, m, t1 - t0, t2 - t1, final_loss))
+        runs.append({**run_record(bench, arm, seed, m, t1 - t0, t2 - t1, final_loss), "anchor_logs": anchor_logs})
         r = runs[-1]
         log(f"    train {t1 - t0:.1f}s, measure {t2 - t1:.1f}s; loss {final_loss:.3f}, behaviour drift "
             f"{r['behaviour_drift']:+.3f}, mean |proj drift| "
@@ -752,12 +763,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help="training precision (bf16 = mixed-precision autocast); default bf16 on cuda, fp32 on cpu")
     parser.add_argument("--seeds", type=int, default=None, help="seeds per arm (default 3; 1 with --quick)")
     parser.add_argument("--steps", type=int, default=None,
-                        help="optimizer steps per run (default 150; 20 with --quick)")
+                        help="optimizer steps per run (default 150; 16 with --quick)")
     parser.add_argument("--methods", nargs="+", default=None,
                         help=f"methods, optionally with a strength (replay:10); default all: {sorted(DEFAULT_GRID)}")
     parser.add_argument("--quick", action="store_true", help="a small configuration for a 2-core CPU (~10 min)")
     parser.add_argument("--lr", type=float, default=None, help="learning rate (default 5e-5; 1e-4 with --quick)")
     parser.add_argument("--axis", default=str(REFERENCE_AXIS), help="axis bundle of the embedded model")
+    parser.add_argument("--prev-k", type=float, default=0.01,
+                        help="preventative steering strength of the prev+lm/prev+kl/prev+replay arms")
     parser.add_argument("--budget-s", type=float, default=None,
                         help="skip runs that would end after this many seconds from the start (default: none)")
     parser.add_argument("--data", default=None,
@@ -772,14 +785,14 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
     methods = args.methods or (list(QUICK_METHODS) if quick else list(DEFAULT_GRID))
     cuda = args.device == "cuda"
     cfg = BenchConfig(
-        arms=parse_arms(methods), seeds=args.seeds or (1 if quick else 3), steps=args.steps or (20 if quick else 150),
+        arms=parse_arms(methods), seeds=args.seeds or (1 if quick else 3), steps=args.steps or (16 if quick else 150),
         learning_rate=args.lr or (1e-4 if quick else 5e-5), device=args.device,
-        dtype=args.dtype or ("bf16" if cuda else "fp32"), budget_s=args.budget_s,
+        dtype=args.dtype or ("bf16" if cuda else "fp32"), budget_s=args.budget_s, prev_k=args.prev_k,
         gen_batch_size=128 if cuda else 16, tag=args.tag or ("quick" if quick else ""),
     )
-    if quick:  # every forward is over fewer, shorter sequences: 2 roles, batch 4, 24-token answers
-        cfg.n_roles, cfg.n_questions, cfg.data_max_new_tokens, cfg.n_probes = 2, 32, 24, 8
-        cfg.batch_size, cfg.measure_max_new_tokens = 4, 24
+    if quick:  # every forward is over fewer, shorter sequences: 2 roles, batch 4, 20-token answers
+        cfg.n_roles, cfg.n_questions, cfg.data_max_new_tokens, cfg.n_probes = 2, 24, 24, 8
+        cfg.batch_size, cfg.measure_max_new_tokens = 4, 20
         cfg.replay_batch_size, cfg.replay_max_new_tokens = 4, 16
     return cfg
 

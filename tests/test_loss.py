@@ -68,10 +68,13 @@ def test_sequence_mean_averages_tokens_then_rows():
 
 
 def test_floor_and_match_penalties_by_hand():
-    proj = torch.tensor([[0.0, 1.0, 3.0]])
-    mask = torch.ones_like(proj, dtype=torch.bool)
-    # tau 2, gap 2: hinge (1, 0.5, 0) squared -> (1, 0.25, 0)
-    assert floor_penalty(proj, tau=2.0, gap=2.0, mask=mask).item() == pytest.approx(1.25 / 3)
+    proj = torch.tensor([[0.0, 1.0, 3.0], [4.0, 0.0, -2.0], [9.0, 9.0, 9.0]])
+    mask = torch.tensor([[True, True, True], [True, True, False], [False, False, False]])
+    # tau 2, gap 2, on each row's mean: row 0 mean 4/3 -> hinge (1/3)^2; row 1 mean 2 -> 0; row 2 empty -> 0
+    assert floor_penalty(proj, tau=2.0, gap=2.0, mask=mask).item() == pytest.approx((1 / 9) / 3)
+    # a token far below tau does not trip the floor while its answer's mean is above it (τ is a per-answer quantile)
+    assert floor_penalty(torch.tensor([[-5.0, 9.0]]), tau=2.0, gap=1.0, mask=torch.ones(1, 2, dtype=torch.bool)) == 0
+    proj, mask = proj[:1], mask[:1]
     ref = torch.tensor([[1.0, 1.0, 1.0]])
     assert match_penalty(proj, ref, gap=2.0, mask=mask).item() == pytest.approx((0.25 + 0 + 1.0) / 3)
 
