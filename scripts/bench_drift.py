@@ -766,7 +766,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help="optimizer steps per run (default 150; 16 with --quick)")
     parser.add_argument("--methods", nargs="+", default=None,
                         help=f"methods, optionally with a strength (replay:10); default all: {sorted(DEFAULT_GRID)}")
-    parser.add_argument("--quick", action="store_true", help="a small configuration for a 2-core CPU (~10 min)")
+    parser.add_argument("--quick", action="store_true",
+                        help="a small configuration for a 2-core CPU (~4-8 min per arm and seed)")
     parser.add_argument("--lr", type=float, default=None, help="learning rate (default 5e-5; 1e-4 with --quick)")
     parser.add_argument("--axis", default=str(REFERENCE_AXIS), help="axis bundle of the embedded model")
     parser.add_argument("--prev-k", type=float, default=0.01,

@@ -10,15 +10,9 @@
 # QUICKSTART_SETUP=0 skips scripts/setup.sh (an environment that is already set up, e.g. the test suite).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-if [ "${QUICKSTART_SETUP:-1}" != "0" ]; then
-  bash scripts/setup.sh
-  . .venv/bin/activate
-fi
-export WANDB_MODE="${WANDB_MODE:-offline}"
-export WANDB_SILENT="${WANDB_SILENT:-true}"
-export TOKENIZERS_PARALLELISM=false
 # On a CPU that other jobs keep busy, torch's threads spin-wait on each other and run several times slower than one
-# thread; use one thread then (set OMP_NUM_THREADS yourself to override).
+# thread; use one thread then (set OMP_NUM_THREADS yourself to override). The load is read before set-up, whose
+# own pip work would otherwise count as another job.
 if [ -z "${OMP_NUM_THREADS:-}" ]; then
   cores=$(nproc)
   load=$(cut -d' ' -f1 /proc/loadavg 2>/dev/null || echo 0)
@@ -27,10 +21,17 @@ if [ -z "${OMP_NUM_THREADS:-}" ]; then
     echo "quickstart: the CPU is busy (load $load on $cores cores): using 1 torch thread."
   fi
 fi
+if [ "${QUICKSTART_SETUP:-1}" != "0" ]; then
+  bash scripts/setup.sh
+  . .venv/bin/activate
+fi
+export WANDB_MODE="${WANDB_MODE:-offline}"
+export WANDB_SILENT="${WANDB_SILENT:-true}"
+export TOKENIZERS_PARALLELISM=false
 start=$(date +%s)
 anchor train --config recipes/quickstart.yaml --compare "$@"
 echo
-echo "quickstart: done in $(( $(date +%s) - start )) s."
+echo "quickstart: done in ${SECONDS} s in all ($(( $(date +%s) - start )) s after set-up)."
 if [ "$WANDB_MODE" = "offline" ]; then
   echo "wandb runs were written offline; upload them with: wandb sync <run dir> (each run's summary above names it)."
 fi

@@ -419,3 +419,14 @@ def test_sampling_probes_leave_training_randomness_and_mode_alone(tiny_tokenizer
     assert torch.equal(torch.rand(3), expected)
     assert model.training
     assert answers == generate_answers(model, tiny_tokenizer, [[5, 6, 7]], max_new_tokens=4, sample=True, seed=9)
+
+
+def test_default_layers_are_announced_with_the_reason(tiny_tokenizer, tiny_axis, tmp_path, caplog):
+    from anchor.loss import default_layers
+
+    trainer = _sft(tiny_tokenizer, tmp_path, [AnchorCallback(AnchorConfig(probe_every=0), axis=tiny_axis)],
+                   max_steps=1)
+    with caplog.at_level(logging.INFO, logger="anchor.callback"):
+        trainer.train()
+    line = next(r.getMessage() for r in caplog.records if "method=floor at layers" in r.getMessage())
+    assert str(default_layers(tiny_axis)) in line and "highest mean |cosine(axis, PC1)|" in line
