@@ -105,6 +105,8 @@ class AnchorConfig:
     probe_file: str | None = field(default=None, metadata={
         "help": "Your own probes: JSON {'version': 1, 'probes': [{'domain': ..., 'prompt': ...}]} or JSONL of such "
                 "objects. None: the 64 shipped probes (coding, writing, emotional, meta)."})
+    probes_per_domain: int | None = field(default=None, metadata={
+        "help": "Use the first N probes of each domain (None = all); each probe step costs a forward over them."})
     probe_mode: str = field(default="teacher_forced", metadata={
         "help": "teacher_forced: re-read the base model's step-0 answers; generated: answer again each time."})
     probe_max_new_tokens: int = field(default=48, metadata={"help": "Tokens generated per probe answer."})
@@ -133,6 +135,8 @@ class AnchorConfig:
         for name in ("weight", "probe_every", "weight_warmup_steps", "probe_far_roles", "steer_coefficient"):
             if getattr(self, name) < 0:
                 raise ValueError(f"AnchorConfig.{name}={getattr(self, name)} must be >= 0.")
+        if self.probes_per_domain is not None and self.probes_per_domain < 1:
+            raise ValueError(f"AnchorConfig.probes_per_domain={self.probes_per_domain} must be >= 1 (None: all).")
         for name in ("replay_batch_size", "replay_refresh_steps", "replay_max_new_tokens", "probe_max_new_tokens",
                      "probe_batch_size", "axis_max_new_tokens", "axis_batch_size"):
             if getattr(self, name) < 1:
@@ -376,7 +380,7 @@ class AnchorCallback(TrainerCallback):
     def _probe_baseline(self, model: nn.Module) -> None:
         cfg = self.config
         tok = self._needs_template("probe drift (probe_every > 0)")
-        self.probes = build_probe_set(tok, cfg.probe_file)
+        self.probes = build_probe_set(tok, cfg.probe_file, cfg.probes_per_domain)
         base = unwrap(model)
         self.probe_answers = generate_answers(base, tok, self.probes.prompts, cfg.probe_max_new_tokens,
                                               cfg.probe_batch_size)

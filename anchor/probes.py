@@ -47,9 +47,19 @@ class ProbeSet:
     prompts: list[list[int]]
 
 
-def build_probe_set(tokenizer: object, probes: object = None) -> ProbeSet:
-    """Encode the shipped probes (or ``probes``, any source :func:`anchor.personas.load_probes` takes)."""
+def build_probe_set(tokenizer: object, probes: object = None, per_domain: int | None = None) -> ProbeSet:
+    """Encode the shipped probes (or ``probes``, any source :func:`anchor.personas.load_probes` takes), keeping the
+    first ``per_domain`` of each domain when given (every probe step runs a forward over all of them)."""
     records = load_probes(probes)
+    if per_domain is not None:
+        if per_domain < 1:
+            raise ValueError(f"per_domain={per_domain}: keep at least one probe per domain, or None for all.")
+        kept, count = [], dict.fromkeys((r.domain for r in records), 0)
+        for r in records:
+            count[r.domain] += 1
+            if count[r.domain] <= per_domain:
+                kept.append(r)
+        records = kept
     prompts = [encode_prompt(tokenizer, [{"role": "user", "content": r.prompt}]) for r in records]
     return ProbeSet([r.domain for r in records], [r.prompt for r in records], prompts)
 

@@ -594,16 +594,42 @@ MIN_DRIFT = 0.05
 """Below this mean drift (default-to-role gaps) the unanchored run barely moved, and a ratio would be noise."""
 
 
-def drift_kept(runs: Mapping[str, RunSummary], anchored: str, unanchored: str) -> float | None:
-    """Anchored projection drift from the base as a share of unanchored, averaged over the reported layers; None when
-    either run was not measured or the unanchored run moved less than :data:`MIN_DRIFT`."""
-    a, u = runs[anchored].drift, runs[unanchored].drift
-    if not a or not u:
-        return None
-    base = u["base"]["position"]
-    moved_u = sum(t - b for t, b in zip(u["tuned"]["position"], base, strict=True)) / len(base)
-    moved_a = sum(t - b for t, b in zip(a["tuned"]["position"], base, strict=True)) / len(base)
-    return moved_a / moved_u if abs(moved_u) >= MIN_DRIFT else None
+def drift_shares(runs: Mapping[str, RunSummary], anchored: str, unanchored: str) -> dict[str, float | None]:
+    """The anchored run's drift from the base as a share of the unanchored run's, and its task-loss cost.
+
+    ``projection``: mean over the reported layers of the position change; ``role_likeness``: the change of the
+    behavioural score. Negative shares mean the anchored run overshot toward the Assistant. A share is None when a
+    run was not measured or the unanchored run moved less than :data:`MIN_DRIFT` (a ratio would be noise).
+    ``task_loss_change``: held-out loss relative to unanchored's (0.05 = 5% higher).
+    """
+    a, u = runs[anchored], runs[unanchored]
+    shares: dict[str, float | None] = {"projection": None, "role_likeness": None, "task_loss_change": None}
+    if a.drift and u.drift:
+        base = u.drift["base"]
+        moved_u = sum(t - b for t, b in zip(u.drift["tuned"]["position"], base["position"], strict=True))
+        moved_a = sum(t - b for t, b in zip(a.drift["tuned"]["position"], base["position"], strict=True))
+        n = len(base["position"])
+        shares["projection"] = moved_a / moved_u if abs(moved_u) / n >= MIN_DRIFT else None
+        rl = [r.drift["tuned"]["role_likeness"] for r in (a, u)]
+        if base["role_likeness"] is not None and None not in rl and abs(rl[1] - base["role_likeness"]) >= MIN_DRIFT:
+            shares["role_likeness"] = (rl[0] - base["role_likeness"]) / (rl[1] - base["role_likeness"])
+    if a.heldout_loss is not None and u.heldout_loss:
+        shares["task_loss_change"] = a.heldout_loss / u.heldout_loss - 1
+    return shares
+
+
+def shares_sentence(shares: Mapping[str, float | None]) -> str:
+    """One line saying how much of the unanchored drift the anchored run kept, and at what task-loss cost."""
+    labels = {"projection": "projection (mean over the reported layers)", "role_likeness": "role-likeness"}
+    measured = {key: shares[key] for key in labels if shares[key] is not None}
+    if not measured:
+        return ""
+    parts = ", ".join(f"{labels[key]} {value:.0%}" for key, value in measured.items())
+    text = f"Anchored drift as a share of unanchored: {parts} (0% = stayed at the base model"
+    text += ", negative = overshot toward the Assistant)." if min(measured.values()) < 0 else ")."
+    if shares["task_loss_change"] is not None:
+        text += f" Held-out task loss {shares['task_loss_change']:+.0%} vs unanchored."
+    return text
 
 
 def compare(argv: Sequence[str]) -> dict[str, RunSummary]:
@@ -622,17 +648,16 @@ def compare(argv: Sequence[str]) -> dict[str, RunSummary]:
         histories = {label: json.loads((Path(run.output_dir) / "trainer_state.json").read_text())["log_history"]
                      for label, run in runs.items()}
         plot = plot_probe_drift(histories, out / "comparison.png", anchor_config.log_prefix)
-        kept = drift_kept(runs, "anchored", "unanchored")
+        shares = drift_shares(runs, "anchored", "unanchored")
         note = ("Position: mean projection of each model's own greedy answers to held-out questions (no system "
                 "prompt), relative to the axis's default mean, in default-to-role gaps (0 = Assistant, -1 = average "
                 "role). Role-likeness: frozen base NLL(answer | default) − NLL(answer | training role prompt), "
                 "averaged over the implanted roles. Probe drift: the callback's last probe, z against step 0.")
-        text = "\n".join([f"# Anchored vs unanchored: {training_args.output_dir}", "", table, "", note, ""]
-                         + ([f"The anchored run kept {kept:.0%} of the unanchored projection drift (mean over the "
-                             "reported layers)."] if kept is not None else []))
+        text = "\n".join([f"# Anchored vs unanchored: {training_args.output_dir}", "", table, "", note, "",
+                          shares_sentence(shares)]).rstrip()
         (out / "comparison.md").write_text(text + "\n")
         (out / "comparison.json").write_text(json.dumps(
-            {label: dataclasses.asdict(run) for label, run in runs.items()} | {"drift_kept": kept}, indent=1))
+            {label: dataclasses.asdict(run) for label, run in runs.items()} | {"drift_shares": shares}, indent=1))
         print("\n" + text)
         print(f"Comparison: {out / 'comparison.md'}" + (f", plot {plot}" if plot else ""), flush=True)
     return runs

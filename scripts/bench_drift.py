@@ -693,15 +693,23 @@ def plot(report: dict[str, Any], path: Path) -> None:
     ax.set_title("Projection drift of the fine-tuned model's own default answers")
     if report["arms"]:
         ax.legend(fontsize=7, ncol=2)
-    names = [a["arm"] for a in report["arms"]]
-    vals = [a["behaviour_drift"] for a in report["arms"]]
-    errs = [0.0 if not math.isfinite(a["behaviour_sem"]) else a["behaviour_sem"] for a in report["arms"]]
-    bx.barh(range(len(names)), vals, xerr=errs, color="tab:gray")
-    bx.set_yticks(range(len(names)), names, fontsize=8)
-    bx.invert_yaxis()
+    # The trade-off: behaviour kept against task learnt, with the target's box.
+    bx.add_patch(plt.Rectangle((-100, -100 * TARGET_RATIO), 100 + 100 * TARGET_TASK, 200 * TARGET_RATIO,
+                               color="tab:green", alpha=0.12, label="target"))
+    for a in report["arms"]:
+        c = a.get("vs_unanchored")
+        if c is None:
+            continue
+        err = c["behaviour_pct_err"] if math.isfinite(c["behaviour_pct_err"]) else 0.0
+        bx.errorbar(c["task_loss_change_pct"], c["behaviour_pct"], yerr=err, fmt="o", capsize=3, label=a["arm"])
+    bx.axhline(0, color="k", lw=0.8)
     bx.axvline(0, color="k", lw=0.8)
-    bx.set_xlabel("behavioural drift (nats/token, > 0 = more role-like)")
-    bx.set_title("Behavioural drift ± s.e.")
+    bx.set_xlim(left=min([-5.0] + [a["vs_unanchored"]["task_loss_change_pct"] - 2 for a in report["arms"]
+                                   if "vs_unanchored" in a]))
+    bx.set_xlabel("held-out task loss change vs unanchored (%)")
+    bx.set_ylabel("behavioural drift (% of unanchored, ± s.e.)")
+    bx.set_title("Persona kept vs task learnt")
+    bx.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -777,6 +785,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--data", default=None,
                         help="persona-data directory: loaded if it holds data built with the same settings, else "
                              "built and saved there (default: built in memory)")
+    parser.add_argument("--render", default=None, metavar="JSON",
+                        help="only rewrite the markdown table and plot of an earlier run's results JSON")
     parser.add_argument("--tag", default="", help="suffix of the result file names")
     return parser.parse_args(argv)
 
@@ -817,6 +827,11 @@ def persona_data(model: nn.Module, tokenizer: Any, axis: AssistantAxis, cfg: Ben
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.render:  # rebuild the markdown and the plot of a finished run, no model needed
+        stem = Path(args.render).with_suffix("")
+        write_outputs(json.loads(Path(args.render).read_text()), stem)
+        print(stem.with_suffix(".md").read_text())
+        return 0
     cfg = config_from_args(args)
     start = time.perf_counter()
 

@@ -125,6 +125,12 @@ def test_a_short_run_of_every_kind_of_arm_writes_complete_results(tiny_tokenizer
     assert all(f"| {m} |" in table for m in methods) and "**Verdict.**" in table
     assert (tmp_path / "bench_drift_tiny.png").stat().st_size > 0
     assert report["verdict"]["summary"]
+    # --render rebuilds the table and plot from the JSON alone
+    (tmp_path / "bench_drift_tiny.md").unlink()
+    (tmp_path / "bench_drift_tiny.png").unlink()
+    assert bd.main(["--render", str(tmp_path / "bench_drift_tiny.json")]) == 0
+    assert (tmp_path / "bench_drift_tiny.md").read_text() == table
+    assert (tmp_path / "bench_drift_tiny.png").stat().st_size > 0
 
 
 def test_a_spent_budget_skips_runs_and_still_writes_results(tiny_tokenizer, tiny_axis, tiny_data, tmp_path):

@@ -92,6 +92,7 @@ def test_config_parses_with_trl_parser_next_to_trainer_configs():
 
 
 @pytest.mark.parametrize("bad", [{"method": "ceiling"}, {"probe_mode": "sometimes"}, {"floor_percentile": 101},
+                                 {"probes_per_domain": 0},
                                  {"weight": -1}, {"replay_refresh_steps": 0}])
 def test_config_refuses_bad_values(bad):
     with pytest.raises(ValueError, match="AnchorConfig"):

@@ -542,3 +542,17 @@ def test_unsupported_source_types_raise_type_error():
 
 def test_persona_data_error_is_value_error():
     assert issubclass(PersonaDataError, ValueError)
+
+
+def test_probe_set_keeps_the_first_probes_of_each_domain(tiny_tokenizer):
+    from anchor.probes import build_probe_set
+
+    every = build_probe_set(tiny_tokenizer)
+    two = build_probe_set(tiny_tokenizer, per_domain=2)
+    domains = sorted(set(every.domains))
+    assert sorted(two.domains) == sorted(domains * 2)
+    for d in domains:
+        assert [t for t, dd in zip(two.texts, two.domains, strict=True) if dd == d] == \
+            [t for t, dd in zip(every.texts, every.domains, strict=True) if dd == d][:2]
+    with pytest.raises(ValueError, match="at least one probe"):
+        build_probe_set(tiny_tokenizer, per_domain=0)

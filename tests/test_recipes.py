@@ -20,10 +20,12 @@ from anchor.train import (
     ScriptArguments,
     _records_to_rows,
     comparison_table,
+    drift_shares,
     main,
     parse_args,
     plot_probe_drift,
     probe_drift_series,
+    shares_sentence,
     trainer_kind,
 )
 from tests.conftest import make_tiny_model
@@ -271,6 +273,28 @@ def test_shortened_quickstart_end_to_end(tiny_env, tmp_path):
     assert len(runs) == 2 and all(list(r.glob("run-*.wandb")) for r in runs)
     comparison = json.loads((out / "comparison.json").read_text())
     assert comparison["unanchored"]["anchor"]["weight"] == 0 and comparison["anchored"]["anchor"]["weight"] > 0
-    runs = {k: RunSummary(**v) for k, v in comparison.items() if k != "drift_kept"}
+    runs = {k: RunSummary(**v) for k, v in comparison.items() if k != "drift_shares"}
     assert comparison_table(runs).count("\n") == 4  # header, rule, base, unanchored, anchored
     assert RunSummary.load(out / "summary.json") == runs["anchored"]
+
+
+def _summary(label: str, position: list[float], role_likeness: float, heldout: float) -> RunSummary:
+    base = {"position": [-0.2, -0.2], "role_likeness": -0.3}
+    drift = {"layers": [7, 15], "n_questions": 8, "base": base,
+             "tuned": {"position": position, "role_likeness": role_likeness}}
+    return RunSummary(label, "out", "sft", True, None, 4, 1.0, 1.0, heldout, {}, drift, {})
+
+
+def test_drift_shares_of_an_anchored_run_that_overshot():
+    runs = {"unanchored": _summary("unanchored", [-1.2, -0.8], 0.1, 1.0),   # moved -0.8 on average, +0.4 role-like
+            "anchored": _summary("anchored", [-0.1, 0.1], -0.4, 1.2)}       # moved +0.2, -0.1: past the base
+    shares = drift_shares(runs, "anchored", "unanchored")
+    assert shares["projection"] == pytest.approx(0.4 / -1.6)
+    assert shares["role_likeness"] == pytest.approx(-0.1 / 0.4)
+    assert shares["task_loss_change"] == pytest.approx(0.2)
+    text = shares_sentence(shares)
+    assert "projection (mean over the reported layers) -25%" in text and "role-likeness -25%" in text
+    assert "overshot toward the Assistant" in text and "task loss +20%" in text
+    # an unanchored run that did not move gives no ratio
+    still = {"unanchored": _summary("unanchored", [-0.2, -0.2], -0.3, 1.0), "anchored": runs["anchored"]}
+    assert drift_shares(still, "anchored", "unanchored")["projection"] is None
