@@ -120,7 +120,7 @@ class AnchorConfig:
     replay_max_new_tokens: int = field(default=48, metadata={"help": "Replay: tokens sampled per answer."})
     replay_layers: list[int] | None = field(default=None, metadata={
         "help": "Replay: layers compared with the reference (None = from the first anchor layer to the last layer)."})
-    steer_coefficient: float = field(default=0.02, metadata={
+    steer_coefficient: float = field(default=0.01, metadata={
         "help": "Preventative: steering strength k, in units of the layer's mean residual norm (added at every anchor "
                 "layer, so keep it small: 0.05 over 11 layers already quadruples SmolLM2's NLL of in-role text)."})
     log_prefix: str = field(default="anchor", metadata={"help": "Prefix of the logged metrics."})
