@@ -431,3 +431,15 @@ def test_default_layers_are_announced_with_the_reason(tiny_tokenizer, tiny_axis,
         trainer.train()
     line = next(r.getMessage() for r in caplog.records if "method=floor at layers" in r.getMessage())
     assert str(default_layers(tiny_axis)) in line and "highest mean |cosine(axis, PC1)|" in line
+
+
+@pytest.mark.parametrize("method", ["floor", "match"])
+def test_bf16_autocast_on_cpu_trains_with_finite_anchor_metrics(tiny_tokenizer, tiny_axis, tmp_path, method):
+    """Under the trainer's bf16 autocast the penalty is read in fp32 and the reference runs at the same precision."""
+    config = AnchorConfig(layers=LAYERS, method=method, weight=1.0, floor_percentile=100, probe_every=0)
+    trainer = _sft(tiny_tokenizer, tmp_path, [AnchorCallback(config, axis=tiny_axis)], bf16=True, max_steps=2)
+    trainer.train()
+    logs = _anchor_logs(trainer)
+    assert logs and all(torch.isfinite(torch.tensor(v)) for h in logs for k, v in h.items() if k != "step")
+    assert logs[-1]["anchor/penalty"] > 0  # the penalty was read (and, for match, the reference ran) under autocast
+    assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
