@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -21,6 +23,7 @@ def readme_block(heading: str) -> str:
     return match.group(1)
 
 
+@pytest.mark.slow
 def test_readme_training_example_runs_as_written(tmp_path):
     code = readme_block("Anchoring during fine-tuning")
     ast.parse(code)
