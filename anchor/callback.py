@@ -120,6 +120,16 @@ class AnchorConfig:
     replay_max_new_tokens: int = field(default=48, metadata={"help": "Replay: tokens sampled per answer."})
     replay_layers: list[int] | None = field(default=None, metadata={
         "help": "Replay: layers compared with the reference (None = from the first anchor layer to the last layer)."})
+    lm_replay_weight: float = field(default=0.0, metadata={
+        "help": "Any method: each optimizer step also adds weight x lm_replay_weight x the LM loss of the base "
+                "model's own answers to replay_batch_size default-persona questions (from a pool of lm_replay_pool "
+                "answered before training). Axis-free; with preventative steering it kept the most persona in "
+                "scripts/bench_drift.py. 0 = off."})
+    replay_questions: list[str] | None = field(default=None, metadata={
+        "help": "Replay (method='replay' and LM replay): the questions asked, with a default system prompt; None = "
+                "the shipped questions. Keep them apart from the questions you measure drift on."})
+    lm_replay_pool: int = field(default=32, metadata={
+        "help": "LM replay: default-persona questions the base model answers before training."})
     steer_coefficient: float = field(default=0.01, metadata={
         "help": "Preventative: steering strength k, in units of the layer's mean residual norm (added at every anchor "
                 "layer, so keep it small: 0.05 over 11 layers already quadruples SmolLM2's NLL of in-role text)."})
@@ -132,12 +142,18 @@ class AnchorConfig:
             raise ValueError(f"AnchorConfig.probe_mode={self.probe_mode!r}; choose one of {PROBE_MODES}.")
         if not 0 <= self.floor_percentile <= 100:
             raise ValueError(f"AnchorConfig.floor_percentile={self.floor_percentile} must be within 0..100.")
-        for name in ("weight", "probe_every", "weight_warmup_steps", "probe_far_roles", "steer_coefficient"):
+        for name in ("weight", "probe_every", "weight_warmup_steps", "probe_far_roles", "steer_coefficient",
+                     "lm_replay_weight"):
             if getattr(self, name) < 0:
                 raise ValueError(f"AnchorConfig.{name}={getattr(self, name)} must be >= 0.")
+        if self.replay_questions is not None and not all(isinstance(q, str) and q.strip()
+                                                         for q in self.replay_questions or [""]):
+            raise ValueError("AnchorConfig.replay_questions must be a non-empty list of non-empty strings (or None "
+                             "for the shipped questions).")
         if self.probes_per_domain is not None and self.probes_per_domain < 1:
             raise ValueError(f"AnchorConfig.probes_per_domain={self.probes_per_domain} must be >= 1 (None: all).")
-        for name in ("replay_batch_size", "replay_refresh_steps", "replay_max_new_tokens", "probe_max_new_tokens",
+        for name in ("replay_batch_size", "replay_refresh_steps", "replay_max_new_tokens", "lm_replay_pool",
+                     "probe_max_new_tokens",
                      "probe_batch_size", "axis_max_new_tokens", "axis_batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"AnchorConfig.{name}={getattr(self, name)} must be >= 1.")
@@ -194,6 +210,7 @@ class AnchorCallback(TrainerCallback):
         self._replay_prompts: list[list[int]] = []
         self._tokenizer: Any = None
         self._restored_replay: ReplayBatch | None = None
+        self.lm_pool: dict[str, torch.Tensor] | None = None
         self._pending: dict[str, list[float]] = {}
 
     # -- finding the trainer ---------------------------------------------------------------------------------
@@ -233,7 +250,7 @@ class AnchorCallback(TrainerCallback):
         cfg = self.config
         self._tokenizer = _tokenizer(processing_class)
         decoder_layers(model)  # a clear error for an architecture whose layers cannot be hooked
-        self.tau, self.probes, self.role_baseline, self._restored_replay = {}, None, None, None
+        self.tau, self.probes, self.role_baseline, self._restored_replay, self.lm_pool = {}, None, None, None, None
         checkpoint = self._find_checkpoint_state(args, state, frame_locals) if state.global_step > 0 else None
         if checkpoint is not None:
             self._load_state(checkpoint, model)
@@ -249,7 +266,7 @@ class AnchorCallback(TrainerCallback):
         self.anchor = Anchor(
             model, self.axis, cfg.method, layers, self._weight_at(state.global_step), cfg.floor_percentile,
             cfg.steer_coefficient, self._reference, cfg.replay_layers, args.gradient_accumulation_steps,
-            _grad_scale(optimizer),
+            _grad_scale(optimizer), lm_replay_weight=cfg.lm_replay_weight,
         )
         if self.tau:  # restored: τ exactly as the run started with it
             self.anchor.tau = dict(self.tau)
@@ -264,7 +281,14 @@ class AnchorCallback(TrainerCallback):
         if cfg.probe_every and checkpoint is None:
             self._probe_baseline(model)
         if cfg.method == "replay":
-            self._replay_prompts = self._make_replay_prompts(args.seed)
+            self._replay_prompts = self._default_prompts(cfg.replay_batch_size, f"anchor-replay-{args.seed}")
+        if cfg.lm_replay_weight > 0 and self.lm_pool is None:
+            if state.global_step > 0:
+                raise ValueError(
+                    "AnchorConfig.lm_replay_weight > 0, but the checkpoint was trained without LM replay: its pool of "
+                    "base-model answers cannot be written by the half-trained model. Resume with lm_replay_weight=0, "
+                    "or start the run again with it.")
+            self.lm_pool = self._make_lm_pool(model, args.seed)
 
     def _log_layers(self, layers: list[int], chosen: bool) -> None:
         """Say which layers the anchor reads, and why when it chose them itself."""
@@ -414,14 +438,32 @@ class AnchorCallback(TrainerCallback):
 
     # -- replay -------------------------------------------------------------------------------------------------
 
-    def _make_replay_prompts(self, seed: int) -> list[list[int]]:
-        """Default-persona conversations for replay: seeded (default system prompt, question) pairs."""
-        tok = self._needs_template("method='replay'")
-        systems, questions = load_default_prompts(), load_questions()
-        rng = random.Random(f"anchor-replay-{seed}")
-        pairs = [(rng.choice(systems), rng.choice(questions)) for _ in range(self.config.replay_batch_size)]
+    def _default_prompts(self, n: int, salt: str) -> list[list[int]]:
+        """``n`` default-persona conversations for replay: seeded (default system prompt, question) pairs."""
+        tok = self._needs_template("replay (method='replay' or lm_replay_weight > 0)")
+        systems, questions = load_default_prompts(), self.config.replay_questions or load_questions()
+        rng = random.Random(salt)
+        pairs = [(rng.choice(systems), rng.choice(questions)) for _ in range(n)]
         return [encode_prompt(tok, ([{"role": "system", "content": s}] if s else [])
                               + [{"role": "user", "content": q}]) for s, q in pairs]
+
+    def _make_lm_pool(self, model: nn.Module, seed: int) -> dict[str, torch.Tensor]:
+        """The base model's greedy answers to ``lm_replay_pool`` default-persona prompts, packed ``[P, T]``."""
+        cfg, tok = self.config, self._tokenizer
+        prompts = self._default_prompts(cfg.lm_replay_pool, f"anchor-lm-replay-{seed}")
+        answers = generate_answers(unwrap(model), tok, prompts, cfg.replay_max_new_tokens, cfg.replay_batch_size)
+        answers = [a or [tok.eos_token_id] for a in answers]
+        ids, attention, answer = pack_answers(prompts, answers, tok.pad_token_id)
+        return {"input_ids": ids, "attention_mask": attention, "answer_mask": answer.bool()}
+
+    def _set_lm_replay(self, step: int, args: Any) -> None:
+        """This step's LM replay rows: drawn from the pool by (seed, step, rank) alone, so a resume repeats them."""
+        pool = self.lm_pool
+        n = pool["input_ids"].shape[0]
+        rng = random.Random(f"anchor-lm-replay-{args.seed}-{step}-{args.process_index}")
+        rows = torch.tensor(sorted(rng.sample(range(n), min(self.config.replay_batch_size, n))))
+        width = int(pool["attention_mask"][rows].sum(dim=1).max())  # right-padded: drop all-padding columns
+        self.anchor.set_lm_replay(*(pool[k][rows, :width] for k in ("input_ids", "attention_mask", "answer_mask")))
 
     def _refresh_replay(self, step: int, args: Any) -> None:
         cfg, tok = self.config, self._tokenizer
@@ -443,6 +485,8 @@ class AnchorCallback(TrainerCallback):
         if self.config.method == "replay" and self.anchor.weight > 0 and (replay is None or (
                 due and replay.step != state.global_step)):
             self._refresh_replay(state.global_step, args)
+        if self.lm_pool is not None and self.anchor.weight > 0:
+            self._set_lm_replay(state.global_step, args)
 
     def on_step_end(self, args: Any, state: Any, control: Any, model: nn.Module | None = None,
                     **kwargs: Any) -> None:
@@ -515,7 +559,8 @@ class AnchorCallback(TrainerCallback):
         self.save_state(checkpoint / STATE_DIR, state.global_step)
 
     def save_state(self, directory: str | os.PathLike, step: int) -> None:
-        """Write the bundle, τ, the probe set and baseline, and the replay batch into ``directory``."""
+        """Write the bundle, τ, the probe set and baseline, the replay batch and the LM replay pool into
+        ``directory``."""
         directory = Path(directory)
         self.axis.save_pretrained(directory)
         tensors: dict[str, torch.Tensor] = {}
@@ -529,6 +574,8 @@ class AnchorCallback(TrainerCallback):
             tensors["probe_baseline"] = self.probe_baseline
             if self.role_baseline is not None:
                 tensors["role_baseline"] = self.role_baseline
+        if self.lm_pool is not None:
+            tensors.update({f"lm_pool.{k}": v for k, v in self.lm_pool.items()})
         if self.anchor.replay is not None:
             meta["replay_step"] = self.anchor.replay.step
             tensors.update({f"replay.{k}": v for k, v in self.anchor.replay.tensors().items()})
@@ -580,6 +627,8 @@ class AnchorCallback(TrainerCallback):
             self.probe_answers = probes["answers"]
             self.probe_baseline = tensors["probe_baseline"]
             self.role_baseline = tensors.get("role_baseline")
+        pool = {k[8:]: v for k, v in tensors.items() if k.startswith("lm_pool.")}
+        self.lm_pool = {**pool, "answer_mask": pool["answer_mask"].bool()} if pool else None
         self._restored_replay = (
             ReplayBatch.from_tensors({k[7:]: v for k, v in tensors.items() if k.startswith("replay.")},
                                      meta["replay_step"]) if "replay_step" in meta else None)

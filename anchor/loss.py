@@ -21,6 +21,11 @@ Methods (``METHODS``):
   ``steer_coefficient`` × the layer's mean residual norm) is added during training only, so fine-tuning need not
   move the weights that way itself (persona-vector "preventative steering").
 
+With any method, ``lm_replay_weight`` > 0 also adds, once per optimizer step, the ordinary LM loss of a few
+default-persona answers written by the base model (:meth:`Anchor.set_lm_replay`): an axis-free term that keeps
+the default persona's text likely. Its forward is never steered. In ``scripts/bench_drift.py`` preventative
+steering plus this term kept the most persona.
+
 ``weight`` (λ) scales whatever the method adds, so ``weight=0`` leaves training bit-identical to no anchor while
 the metrics are still read.
 
@@ -275,6 +280,7 @@ class Anchor:
         grad_accumulation: int = 1,
         grad_scale: GradScale | None = None,
         layers_path: str | None = None,
+        lm_replay_weight: float = 0.0,
     ):
         if method not in METHODS:
             raise ValueError(f"method={method!r}; choose one of {METHODS}.")
@@ -293,6 +299,10 @@ class Anchor:
         self.tau = {i: axis.tau(i, floor_percentile) for i in self.layers}
         self.gap = {i: float(axis.axis[i].norm()) for i in range(axis.n_layers)}
         self.steer_coefficient = float(steer_coefficient)
+        if lm_replay_weight < 0:
+            raise ValueError(f"lm_replay_weight={lm_replay_weight} must be >= 0.")
+        self.lm_replay_weight = float(lm_replay_weight)
+        self.lm_replay: dict[str, torch.Tensor] | None = None  # this step's LM replay batch (set_lm_replay)
         self.replay_layers = (
             check_layers(replay_layers if replay_layers is not None else range(self.layers[0], n_layers), n_layers)
             if method == "replay" else []
@@ -313,6 +323,7 @@ class Anchor:
         self._capture: tuple[dict[int, torch.Tensor], set[int]] | None = None
         self._pending: torch.Tensor | None = None  # replay penalty waiting to ride on the next policy layer output
         self._replay_due = False
+        self._lm_due = False
         self._warned_mask = False
         self._metrics: dict[str, list[torch.Tensor]] = {}
         hooked = set(self.layers) | set(self.replay_layers)
@@ -344,6 +355,7 @@ class Anchor:
     def start_step(self) -> None:
         """Mark the start of an optimizer step: the replay batch runs once per step, on its first micro-batch."""
         self._replay_due = self.method == "replay"
+        self._lm_due = self.lm_replay_weight > 0
 
     # -- which pass is this ----------------------------------------------------------------------------------
 
@@ -375,8 +387,15 @@ class Anchor:
             self._ref_proj = self._run_capture("reference", self.layers, self._forward_inputs(args, kwargs))
         if self.weight > 0 and self._replay_due and self.replay is not None:
             self._replay_due = False
-            self._pending = self._replay_penalty()
+            self._add_pending(self._replay_penalty())
+        if self.weight > 0 and self._lm_due and self.lm_replay is not None:
+            self._lm_due = False
+            self._add_pending(self._lm_replay_loss())
         return None
+
+    def _add_pending(self, term: torch.Tensor) -> None:
+        """Queue a once-per-step term; it joins the graph at the policy forward's first hooked layer."""
+        self._pending = term if self._pending is None else self._pending + term
 
     @staticmethod
     def _forward_inputs(args: tuple, kwargs: dict) -> dict[str, Any]:
@@ -436,6 +455,30 @@ class Anchor:
         penalty = torch.stack(terms).mean()
         self._add_metric("replay_penalty", penalty.detach(), 1.0)
         return torch.where(torch.isfinite(penalty), penalty, torch.zeros_like(penalty)) * self.weight
+
+    def _lm_replay_loss(self) -> torch.Tensor:
+        """λ · ``lm_replay_weight`` · the LM loss of this step's replay answers (tokens averaged per row, then rows).
+
+        The forward runs in "replay" mode: no steering, no penalties, no metrics of the training batch.
+        """
+        batch = self.lm_replay
+        device = next(self.base.parameters()).device
+        ids, mask = batch["input_ids"].to(device), batch["answer_mask"].to(device)
+        previous = self._mode
+        self._mode, self._capture = "replay", ({}, set())
+        try:
+            logits = self.base(input_ids=ids, attention_mask=batch["attention_mask"].to(device), use_cache=False).logits
+        finally:
+            self._mode, self._capture = previous, None
+        nll = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten(), reduction="none")
+        loss = sequence_mean(nll.view(ids.shape[0], -1), mask[:, 1:])
+        self._add_metric("lm_replay_loss", loss.detach(), 1.0)
+        return torch.where(torch.isfinite(loss), loss, torch.zeros_like(loss)) * (self.weight * self.lm_replay_weight)
+
+    def set_lm_replay(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, answer_mask: torch.Tensor) -> None:
+        """Use this batch ``[N, T]`` (right-padded prompt + the base model's answer) for the LM replay term of the
+        coming optimizer steps; ``answer_mask`` marks the answer tokens the loss is taken on."""
+        self.lm_replay = {"input_ids": input_ids, "attention_mask": attention_mask, "answer_mask": answer_mask.bool()}
 
     def set_replay(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, answer_mask: torch.Tensor,
                    step: int) -> ReplayBatch:
@@ -553,9 +596,9 @@ class Anchor:
     def pop_metrics(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """``{name: (sum, count)}`` since the last call; the mean is ``sum / count`` (sum both across ranks first).
 
-        Names: ``penalty`` (mean over anchor layers, λ not applied), ``replay_penalty``, ``proj/layer_{i}`` (mean
-        projection of the training tokens), ``below_floor`` (fraction of training sequences whose mean projection is
-        below τ), ``nonfinite`` (fraction of tokens whose projection was NaN/Inf).
+        Names: ``penalty`` (mean over anchor layers, λ not applied), ``replay_penalty``, ``lm_replay_loss``,
+        ``proj/layer_{i}`` (mean projection of the training tokens), ``below_floor`` (fraction of training sequences
+        whose mean projection is below τ), ``nonfinite`` (fraction of tokens whose projection was NaN/Inf).
         """
         out = {k: (v[0], v[1]) for k, v in self._metrics.items()}
         self._metrics = {}

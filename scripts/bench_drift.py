@@ -14,7 +14,10 @@ learns to answer plain questions in the role's voice. Every arm trains on the sa
 * ``prev+lm``, ``prev+kl``, ``prev+replay`` (experimental): preventative steering (k = ``--prev-k``) on the training
   batch only, plus the ``lm-replay`` or ``kl`` term, or on-policy projection replay (the model's own sampled default
   answers keep the base model's projections from the first anchor layer up). The replay forward is never steered.
-  The callback takes one method at a time, so these arms are built here (:class:`ExtraTerm`).
+  These arms are built here (:class:`ExtraTerm`);
+* ``preventative+lm``: the shipped form of ``prev+lm``, ``AnchorCallback(method="preventative",
+  lm_replay_weight=λ)`` with k = ``--prev-k`` and the training split's questions as ``replay_questions`` (each with
+  a default system prompt; the pool's answers are written by the base model before training).
 
 Each fine-tuned model is then judged by measures no anchor reads, on default-persona prompts disjoint from all
 training data (the held-out questions of ``anchor.data`` plus the shipped probes, ``anchor.personas.load_probes``):
@@ -81,6 +84,7 @@ IGNORE_INDEX = -100
 # Arms: method -> the strengths tried (λ; k for preventative). Axis-free arms are controls.
 # Ordered by promise (DESIGN.md's GPU sweep), so a time budget cuts the expected failures' last seeds first.
 DEFAULT_GRID: dict[str, tuple[float, ...]] = {
+    "preventative+lm": (1.0,),
     "preventative": (0.01, 0.02),
     "prev+lm": (1.0,),
     "prev+kl": (1.0,),
@@ -90,7 +94,7 @@ DEFAULT_GRID: dict[str, tuple[float, ...]] = {
     "match": (1.0, 10.0),
     "floor": (1.0, 10.0),
 }
-CALLBACK_METHODS = ("floor", "match", "replay", "preventative")
+CALLBACK_METHODS = ("floor", "match", "replay", "preventative", "preventative+lm")
 # Arms built from ExtraTerm: method -> (term, with preventative steering at k = prev_k on the training batch).
 EXTRA_TERMS: dict[str, tuple[str, bool]] = {
     "lm-replay": ("lm", False),
@@ -267,6 +271,7 @@ class Bench:
         pool: dict[str, str] = {}
         for r in data.dpo_train:
             pool.setdefault(r["prompt"][-1]["content"], r["rejected"][-1]["content"])
+        self.pool_questions = list(pool)
         self.pool = [(encode_prompt(tokenizer, [{"role": "user", "content": q}]),
                       list(tokenizer(a, add_special_tokens=False)["input_ids"])) for q, a in pool.items()]
         if not self.pool:
@@ -418,6 +423,11 @@ def _callback(bench: Bench, arm: Arm) -> AnchorCallback:
     if arm.method == "preventative":
         config = AnchorConfig(method="preventative", weight=1.0, steer_coefficient=arm.strength,
                               layers=cfg.steer_layers or steer_band(bench.n_layers), **common)
+    elif arm.method == "preventative+lm":  # the shipped form of prev+lm: replay questions from the training split
+        config = AnchorConfig(method="preventative", weight=1.0, steer_coefficient=cfg.prev_k,
+                              layers=cfg.steer_layers or steer_band(bench.n_layers), lm_replay_weight=arm.strength,
+                              replay_questions=bench.pool_questions, lm_replay_pool=len(bench.pool_questions),
+                              **common)
     else:
         config = AnchorConfig(method=arm.method, weight=arm.strength, **common)
     return AnchorCallback(config, axis=bench.axis)

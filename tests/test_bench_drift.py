@@ -104,7 +104,8 @@ def test_on_policy_terms_vanish_at_the_base_model_and_grow_once_it_moves(tiny_to
 
 @pytest.mark.slow
 def test_a_short_run_of_every_kind_of_arm_writes_complete_results(tiny_tokenizer, tiny_axis, tiny_data, tmp_path):
-    methods = ["floor:1", "lm-replay:1", "kl:1", "prev+replay:1"]  # callback, LM, KL, steering + projection
+    methods = ["floor:1", "lm-replay:1", "kl:1", "prev+replay:1", "preventative+lm:1"]  # callback, LM, KL, steering
+    # + projection, the callback's steering + LM replay
     cfg = _config(tmp_path, methods)
     bench = _bench(tiny_tokenizer, tiny_axis, tiny_data, cfg)
     meta = {"device": "cpu", "model": "tiny", "config": cfg.to_json(),

@@ -92,7 +92,9 @@ def test_config_parses_with_trl_parser_next_to_trainer_configs():
 
 
 @pytest.mark.parametrize("bad", [{"method": "ceiling"}, {"probe_mode": "sometimes"}, {"floor_percentile": 101},
-                                 {"probes_per_domain": 0},
+                                 {"probes_per_domain": 0}, {"lm_replay_weight": -1.0},
+                                 {"lm_replay_pool": 0}, {"replay_questions": []},
+                                 {"replay_questions": ["fine", " "]},
                                  {"weight": -1}, {"replay_refresh_steps": 0}])
 def test_config_refuses_bad_values(bad):
     with pytest.raises(ValueError, match="AnchorConfig"):
@@ -108,7 +110,8 @@ def test_config_refuses_bad_values(bad):
 @pytest.mark.parametrize("method", ["floor", "preventative"])
 def test_weight_zero_is_bit_identical_to_no_callback(tiny_tokenizer, tiny_axis, tmp_path, method, probe_file):
     config = AnchorConfig(layers=LAYERS, method=method, weight=0.0, probe_every=2, probe_mode="generated",
-                          probe_max_new_tokens=6, steer_coefficient=3.0, probe_file=probe_file)
+                          probe_max_new_tokens=6, steer_coefficient=3.0, probe_file=probe_file, lm_replay_weight=1.0,
+                          lm_replay_pool=4, replay_max_new_tokens=4)
     plain = _sft(tiny_tokenizer, tmp_path / "plain", None, gradient_checkpointing=True)
     plain.train()
     anchored = _sft(tiny_tokenizer, tmp_path / "anchored", [AnchorCallback(config, axis=tiny_axis)],
@@ -176,13 +179,14 @@ ON_THE_FLY = dict(axis_n_roles=2, axis_n_questions=2, axis_max_new_tokens=4, axi
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["floor", "replay"])
+@pytest.mark.parametrize(("method", "lm_replay_weight"), [("floor", 0.0), ("replay", 0.0), ("preventative", 1.0)])
 def test_resume_is_bit_exact_and_never_recomputes_the_axis(tiny_tokenizer, tmp_path, monkeypatch, method,
-                                                            probe_file):
+                                                            lm_replay_weight, probe_file):
     monkeypatch.setenv("ANCHOR_CACHE", str(tmp_path / "cache"))
     config = AnchorConfig(layers=LAYERS, method=method, weight=2.0, floor_percentile=90, probe_every=2,
                           probe_max_new_tokens=6, replay_batch_size=2, replay_refresh_steps=3,
-                          replay_max_new_tokens=6, probe_file=probe_file, **ON_THE_FLY)
+                          replay_max_new_tokens=6, probe_file=probe_file, lm_replay_weight=lm_replay_weight,
+                          lm_replay_pool=5, steer_coefficient=0.5, **ON_THE_FLY)
     common = dict(max_steps=6, save_strategy="steps", save_steps=2)
     # a full fine-tune resumed with replay reloads its frozen reference from config._name_or_path
     make_tiny_model(tiny_tokenizer).save_pretrained(tmp_path / "base")
@@ -211,6 +215,19 @@ def test_resume_is_bit_exact_and_never_recomputes_the_axis(tiny_tokenizer, tmp_p
     assert torch.equal(first.axis.axis, second.axis.axis) and first.tau == second.tau
     assert torch.equal(first.probe_baseline, second.probe_baseline)
     assert _anchor_logs(straight) == _anchor_logs(resumed)  # steps 1-2 restored with the checkpoint, 3-6 re-run
+    if lm_replay_weight:
+        assert all(torch.equal(first.lm_pool[k], second.lm_pool[k]) for k in first.lm_pool)
+        assert all("anchor/lm_replay_loss" in h for h in _anchor_logs(straight))
+
+
+def test_resume_refuses_to_start_lm_replay_midway(tiny_tokenizer, tiny_axis, tmp_path):
+    common = dict(max_steps=2, save_strategy="steps", save_steps=2)
+    _sft(tiny_tokenizer, tmp_path / "a", [AnchorCallback(AnchorConfig(layers=LAYERS), axis=tiny_axis)],
+         **common).train()
+    config = AnchorConfig(layers=LAYERS, lm_replay_weight=1.0)
+    resumed = _sft(tiny_tokenizer, tmp_path / "b", [AnchorCallback(config, axis=tiny_axis)], max_steps=4)
+    with pytest.raises(ValueError, match="trained without LM replay"):
+        resumed.train(resume_from_checkpoint=str(tmp_path / "a" / "out" / "checkpoint-2"))
 
 
 def test_resume_without_anchor_state_refuses_to_recompute_the_axis(tiny_tokenizer, tmp_path, monkeypatch):
@@ -443,3 +460,11 @@ def test_bf16_autocast_on_cpu_trains_with_finite_anchor_metrics(tiny_tokenizer, 
     assert logs and all(torch.isfinite(torch.tensor(v)) for h in logs for k, v in h.items() if k != "step")
     assert logs[-1]["anchor/penalty"] > 0  # the penalty was read (and, for match, the reference ran) under autocast
     assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
+
+
+def test_replay_asks_the_given_questions(tiny_tokenizer):
+    callback = AnchorCallback(AnchorConfig(replay_questions=["What is two plus two?"]))
+    callback._tokenizer = tiny_tokenizer
+    prompts = callback._default_prompts(3, "salt")
+    assert len(prompts) == 3
+    assert all("What is two plus two?" in tiny_tokenizer.decode(p) for p in prompts)

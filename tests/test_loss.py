@@ -220,6 +220,50 @@ def test_replay_gradient_equals_explicit_and_starts_at_zero(tiny_tokenizer, tiny
     assert _rel(injected, _grads(model)) <= 1e-6
 
 
+@pytest.mark.parametrize("checkpointing", list(CHECKPOINTING))
+@pytest.mark.parametrize("method", ["floor", "preventative"])
+def test_lm_replay_gradient_equals_explicit_lm_loss(tiny_tokenizer, tiny_axis, method, checkpointing):
+    """The LM replay term's injected gradient equals that of the written-out loss, once per optimizer step, with
+    the method's own term beside it; its forward is never steered."""
+    mode = CHECKPOINTING[checkpointing]
+    batch = _batch(len(tiny_tokenizer))
+    g = torch.Generator().manual_seed(7)
+    ids = torch.randint(0, len(tiny_tokenizer), (2, 9), generator=g)
+    attention = torch.ones_like(ids)
+    attention[1, 7:] = 0
+    answer = torch.zeros_like(ids, dtype=torch.bool)
+    answer[0, 4:] = True
+    answer[1, 5:7] = True
+    weight, lm_weight, coefficient = 0.6, 2.0, 0.3
+
+    model = _train_model(tiny_tokenizer, mode)
+    with Anchor(model, tiny_axis, method, LAYERS, weight, 90.0, steer_coefficient=coefficient,
+                lm_replay_weight=lm_weight) as anchor:
+        anchor.set_lm_replay(ids, attention, answer)
+        anchor.start_step()
+        model(**batch).loss.backward()
+        model(**batch)  # a second micro-batch of the same step: the replay term is not added again
+        metrics = anchor.pop_metrics()
+    injected = _grads(model)
+    assert metrics["lm_replay_loss"][1].item() == 1.0
+
+    model = _train_model(tiny_tokenizer, mode)
+    logits = model(input_ids=ids, attention_mask=attention).logits  # unsteered
+    nll = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten(), reduction="none")
+    lm = sequence_mean(nll.view(2, -1), answer[:, 1:])
+    assert metrics["lm_replay_loss"][0].item() == pytest.approx(lm.item(), rel=1e-6)
+    steer = {i: steering_vector(tiny_axis, i, coefficient) * weight for i in LAYERS} if method == "preventative" else {}
+    with LayerHooks(model, LAYERS, lambda i, h: h + steer[i] if steer else None):
+        outs, out = _layer_outputs(model, LAYERS, **batch)
+    loss = out.loss + weight * lm_weight * lm
+    if method == "floor":
+        mask = batch["labels"] != -100
+        loss = loss + weight * sum(floor_penalty(outs[i] @ tiny_axis.unit[i], tiny_axis.tau(i, 90.0),
+                                                 float(tiny_axis.axis[i].norm()), mask) for i in LAYERS) / len(LAYERS)
+    loss.backward()
+    assert _rel(injected, _grads(model)) <= 1e-6
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Which passes the hooks act on
 # ----------------------------------------------------------------------------------------------------------------
