@@ -569,7 +569,8 @@ def verdict(arms: list[dict[str, Any]]) -> dict[str, Any]:
     axis_arms = [a for a in within_task if a["method"] not in AXIS_FREE]
     controls = [a for a in within_task if a["method"] in AXIS_FREE]
     best_axis = min(axis_arms, key=badness, default=None)
-    best_control = min(controls, key=badness, default=None)
+    # "Does the axis add anything?" is asked on behaviour, so the control to beat is the one that keeps it best.
+    best_control = min(controls, key=lambda a: abs(a["vs_unanchored"]["behaviour_pct"]), default=None)
     meeting = [a["arm"] for a in scored if a["vs_unanchored"]["meets_target"]]
     out: dict[str, Any] = {"meeting_target": meeting,
                            "best_axis_arm": best_axis["arm"] if best_axis else None,
@@ -839,7 +840,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     if args.render:  # rebuild the markdown and the plot of a finished run, no model needed
         stem = Path(args.render).with_suffix("")
-        write_outputs(json.loads(Path(args.render).read_text()), stem)
+        report = json.loads(Path(args.render).read_text())
+        if report.get("verdict") is not None:  # re-judged, so a fix to the verdict reaches earlier results
+            report["verdict"] = verdict(report["arms"])
+        write_outputs(report, stem)
         print(stem.with_suffix(".md").read_text())
         return 0
     cfg = config_from_args(args)
