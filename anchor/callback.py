@@ -438,19 +438,26 @@ class AnchorCallback(TrainerCallback):
 
     # -- replay -------------------------------------------------------------------------------------------------
 
-    def _default_prompts(self, n: int, salt: str) -> list[list[int]]:
-        """``n`` default-persona conversations for replay: seeded (default system prompt, question) pairs."""
+    def _default_prompts(self, n: int, salt: str, system_prompts: bool = True) -> list[list[int]]:
+        """``n`` default-persona conversations for replay: seeded (default system prompt, question) pairs, or the
+        question alone when ``system_prompts`` is False."""
         tok = self._needs_template("replay (method='replay' or lm_replay_weight > 0)")
-        systems, questions = load_default_prompts(), self.config.replay_questions or load_questions()
+        systems = load_default_prompts() if system_prompts else [""]
+        questions = self.config.replay_questions or load_questions()
         rng = random.Random(salt)
         pairs = [(rng.choice(systems), rng.choice(questions)) for _ in range(n)]
         return [encode_prompt(tok, ([{"role": "system", "content": s}] if s else [])
                               + [{"role": "user", "content": q}]) for s, q in pairs]
 
     def _make_lm_pool(self, model: nn.Module, seed: int) -> dict[str, torch.Tensor]:
-        """The base model's greedy answers to ``lm_replay_pool`` default-persona prompts, packed ``[P, T]``."""
+        """The base model's greedy answers to ``lm_replay_pool`` plain questions (no system prompt), packed ``[P, T]``.
+
+        Plain, because that is the form in which fine-tuning data without a system prompt overwrites the Assistant:
+        in ``scripts/bench_drift.py`` a replay with default system prompts on most rows kept far less persona than
+        one with none.
+        """
         cfg, tok = self.config, self._tokenizer
-        prompts = self._default_prompts(cfg.lm_replay_pool, f"anchor-lm-replay-{seed}")
+        prompts = self._default_prompts(cfg.lm_replay_pool, f"anchor-lm-replay-{seed}", system_prompts=False)
         answers = generate_answers(unwrap(model), tok, prompts, cfg.replay_max_new_tokens, cfg.replay_batch_size)
         answers = [a or [tok.eos_token_id] for a in answers]
         ids, attention, answer = pack_answers(prompts, answers, tok.pad_token_id)

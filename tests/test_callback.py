@@ -18,6 +18,7 @@ from anchor.axis import AxisMismatchError
 from anchor.callback import AnchorCallback, AnchorConfig
 from anchor.loss import Anchor
 from anchor.probes import answer_nll, drift_scores, generate_answers, preserved_rng, role_likeness
+from anchor.spans import encode_prompt
 from tests.conftest import make_tiny_model
 
 LAYERS = [1, 2]
@@ -468,3 +469,16 @@ def test_replay_asks_the_given_questions(tiny_tokenizer):
     prompts = callback._default_prompts(3, "salt")
     assert len(prompts) == 3
     assert all("What is two plus two?" in tiny_tokenizer.decode(p) for p in prompts)
+
+
+def test_lm_replay_pool_asks_plain_questions(tiny_tokenizer, tiny_axis, tmp_path):
+    config = AnchorConfig(layers=LAYERS, method="preventative", lm_replay_weight=1.0, lm_replay_pool=6,
+                          replay_max_new_tokens=3, replay_questions=["Name a colour.", "Count to three."])
+    callback = AnchorCallback(config, axis=tiny_axis)
+    _sft(tiny_tokenizer, tmp_path, [callback], max_steps=1).train()
+    plain = {tuple(encode_prompt(tiny_tokenizer, [{"role": "user", "content": q}])) for q in config.replay_questions}
+    pool = callback.lm_pool
+    for ids, attention, answer in zip(pool["input_ids"], pool["attention_mask"], pool["answer_mask"], strict=True):
+        prompt = ids[attention.bool() & ~answer].tolist()
+        assert tuple(prompt) in plain  # the question alone: no system message
+        assert answer.any()
