@@ -36,6 +36,41 @@ class AxisMismatchError(ValueError):
     """The bundle was computed on a different model than the one it is being applied to."""
 
 
+class MissingStatisticError(ValueError):
+    """The bundle lacks a statistic (role vectors, quantiles, PCA, residual norms): it was imported, not computed."""
+
+
+class Missing:
+    """Stands in for a statistic an imported bundle does not have (``anchor import-axis``).
+
+    Any use of it (indexing, an attribute, arithmetic) raises :class:`MissingStatisticError` naming the
+    statistic and the fix, so every consumer fails with that message instead of a ``TypeError`` on ``None``.
+    """
+
+    def __init__(self, what: str):
+        self.what = what
+
+    def __bool__(self) -> bool:
+        return False
+
+    def __repr__(self) -> str:
+        return f"Missing({self.what!r})"
+
+    def __getattr__(self, name: str) -> object:
+        if name.startswith("__"):  # copy/pickle protocol lookups must see an ordinary missing attribute
+            raise AttributeError(name)
+        self.fail()
+
+    def fail(self, *_args: object) -> None:
+        raise MissingStatisticError(
+            f"This axis bundle has no {self.what}: it was imported from published vectors (anchor import-axis), "
+            "which carry the axis and capping floors only. Compute a full bundle for this model (anchor axis "
+            "--model M --out DIR), or give the values explicitly (e.g. cap(model, axis, tau=...))."
+        )
+
+    __getitem__ = __iter__ = __len__ = __float__ = __matmul__ = __rmatmul__ = __mul__ = __rmul__ = fail
+
+
 @dataclass
 class PersonaSpace:
     """Mean-centred PCA of the role vectors at every layer (no variance scaling).
@@ -75,12 +110,15 @@ class AssistantAxis:
     """
 
     axis: torch.Tensor  # [n_layers, hidden], raw
-    default_mean: torch.Tensor  # [n_layers, hidden]
-    role_vectors: torch.Tensor  # [n_roles, n_layers, hidden]
-    role_names: list[str]
-    quantiles: dict[str, torch.Tensor]  # {"default", "roles"}: [n_layers, 101], per-answer mean projections
-    residual_norm: torch.Tensor  # [n_layers], mean per-token residual norm of default answers
-    pca: PersonaSpace
+    # An imported bundle (AssistantAxis.from_official) has the axis only: the statistics below are then Missing.
+    default_mean: torch.Tensor | Missing = field(default_factory=lambda: Missing("default mean"))  # [n_layers, hidden]
+    role_vectors: torch.Tensor | Missing = field(default_factory=lambda: Missing("role vectors"))  # [n_roles, L, H]
+    role_names: list[str] = field(default_factory=list)
+    # {"default", "roles"}: [n_layers, 101], per-answer mean projections
+    quantiles: dict[str, torch.Tensor] | Missing = field(default_factory=lambda: Missing("projection quantiles"))
+    # [n_layers], mean per-token residual norm of default answers
+    residual_norm: torch.Tensor | Missing = field(default_factory=lambda: Missing("mean residual norms"))
+    pca: PersonaSpace | Missing = field(default_factory=lambda: Missing("persona-space PCA"))
     metadata: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -98,6 +136,11 @@ class AssistantAxis:
         return self.axis.shape[1]
 
     @property
+    def imported(self) -> bool:
+        """True for a bundle made from published vectors (:meth:`from_official`): it has the axis only."""
+        return "imported_from" in self.metadata
+
+    @property
     def report_layer(self) -> int:
         """The layer monitors and reports read by default: the middle of the network."""
         return int(self.metadata.get("report_layer", self.n_layers // 2))
@@ -108,9 +151,18 @@ class AssistantAxis:
         return hidden @ unit
 
     def tau(self, layer: int, percentile: float, source: str = "default") -> float:
-        """The ``percentile`` (0-100) of per-answer projections of ``source`` ("default" or "roles") answers."""
+        """The ``percentile`` (0-100) of per-answer projections of ``source`` ("default" or "roles") answers.
+
+        An imported bundle has no quantiles; it answers only for its published capping floors, at the published
+        percentile and layers (a percentile of the paper's own projection pool), and raises otherwise.
+        """
         if not 0 <= percentile <= 100:
             raise ValueError(f"percentile={percentile} must be within 0..100.")
+        published = self.metadata.get("cap") or {}
+        if isinstance(self.quantiles, Missing) and source == "default" and percentile == published.get("percentile"):
+            floors = published.get("tau", {})
+            if str(layer) in floors:
+                return float(floors[str(layer)])
         q = self.quantiles[source][layer]
         pos = percentile  # levels are whole percentiles: interpolate linearly between them
         lo, hi = int(pos), min(int(pos) + 1, 100)
@@ -159,7 +211,7 @@ class AssistantAxis:
         """Write ``axis.safetensors`` and ``axis_config.json`` into ``directory`` (each file atomically)."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        tensors = {
+        tensors = {"axis": self.axis} if self.imported else {
             "axis": self.axis, "default_mean": self.default_mean, "role_vectors": self.role_vectors,
             "quantiles.default": self.quantiles["default"], "quantiles.roles": self.quantiles["roles"],
             "residual_norm": self.residual_norm, **{f"pca.{k}": v for k, v in asdict_tensors(self.pca).items()},
@@ -167,6 +219,22 @@ class AssistantAxis:
         config = {"format_version": FORMAT_VERSION, "role_names": self.role_names, "metadata": self.metadata}
         _atomic_write(directory / WEIGHTS_NAME, lambda p: save_file({k: v.contiguous() for k, v in tensors.items()}, p))
         _atomic_write(directory / CONFIG_NAME, lambda p: Path(p).write_text(json.dumps(config, indent=2)))
+
+    @classmethod
+    def from_official(
+        cls,
+        axis_file: str | os.PathLike,
+        capping_file: str | os.PathLike | None = None,
+        experiment: str | None = None,
+        model: nn.Module | str | os.PathLike | None = None,
+    ) -> AssistantAxis:
+        """The axis (and capping setting) published with Lu et al. 2026, converted; see :mod:`anchor.official`.
+
+        ``model`` (loaded, or a name/path whose config is read) checks the shapes before anything is built.
+        """
+        from anchor.official import import_official
+
+        return import_official(axis_file, capping_file, experiment, model)
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike) -> AssistantAxis:
@@ -184,6 +252,8 @@ class AssistantAxis:
                 f"{FORMAT_VERSION}. Recompute the axis with this version."
             )
         t = load_file(str(weights))
+        if "imported_from" in config["metadata"]:
+            return cls(axis=t["axis"], metadata=config["metadata"])
         pca = PersonaSpace(**{k[4:]: v for k, v in t.items() if k.startswith("pca.")})
         return cls(
             axis=t["axis"], default_mean=t["default_mean"], role_vectors=t["role_vectors"],

@@ -190,6 +190,14 @@ def _resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | str:
     return names[dtype]
 
 
+def load_config(name_or_path: str | os.PathLike = EMBEDDED) -> object:
+    """The transformers config of a model named as :func:`load_model` takes it, without loading any weights."""
+    from transformers import AutoConfig
+
+    source = str(name_or_path)
+    return AutoConfig.from_pretrained(str(embedded_model_dir()) if source == EMBEDDED else source)
+
+
 def load_model(
     name_or_path: str | os.PathLike = EMBEDDED,
     device: str | torch.device | None = None,
