@@ -4,6 +4,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -243,3 +248,17 @@ def test_cli_writes_a_bundle_and_refuses_to_overwrite(tmp_path, capsys):
     assert cli.main(args) == 1
     assert "--overwrite" in capsys.readouterr().err
     assert cli.main([*args, "--overwrite"]) == 0
+
+
+@pytest.mark.slow
+def test_docs_example_runs_as_written(tmp_path):
+    """The first python block of docs/import-export.md, in a fresh process (it loads the embedded model)."""
+    text = (Path(__file__).resolve().parent.parent / "docs" / "import-export.md").read_text()
+    code = re.search(r"```python\n(.*?)```", text, re.S).group(1)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert out.returncode == 0, out.stderr[-4000:]
+    first, second = out.stdout.strip().splitlines()[-2:]
+    assert first == "[21, 22, 23, 24, 25] 1.0" and second == "[21, 22, 23, 24, 25] 1.0"
+    assert AssistantAxis.from_pretrained(tmp_path / "outputs" / "imported-axis").imported
