@@ -20,7 +20,9 @@ current model; in ``generated`` mode the current model answers again each time.
 from __future__ import annotations
 
 import contextlib
+import logging
 import random
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -35,7 +37,8 @@ from anchor.models import decoder_layers
 from anchor.personas import load_probes, load_roles
 from anchor.spans import encode_prompt
 
-PROBE_MODES = ("teacher_forced", "generated")
+logger = logging.getLogger(__name__)
+
 
 
 @dataclass
@@ -275,3 +278,71 @@ def domain_means(values: torch.Tensor, domains: Sequence[str]) -> dict[str, floa
         idx = [i for i, x in enumerate(domains) if x == d]
         out[d] = float(values[idx].nanmean())
     return out
+
+
+class ProbeMonitor:
+    """Probe drift during training: the probe set, the base model's step-0 answers and baselines, and the
+    measurement at later steps (with role-likeness where a frozen ``reference`` is at hand).
+
+    ``tokenizer`` needs a chat template. ``role_prompts`` are the far roles' system prompts for role-likeness
+    (empty: off). The state (:meth:`state_dict`) is what a resume needs to keep measuring against step 0.
+    """
+
+    def __init__(self, axis: AssistantAxis, tokenizer: object, mode: str, max_new_tokens: int, batch_size: int,
+                 reference: object = None, role_prompts: Sequence[str] = ()):
+        self.axis, self.tokenizer, self.mode = axis, tokenizer, mode
+        self.max_new_tokens, self.batch_size = max_new_tokens, batch_size
+        self.reference, self.role_prompts = reference, list(role_prompts) if reference is not None else []
+        self.probes: ProbeSet | None = None
+        self.answers: list[list[int]] | None = None
+        self.baseline: torch.Tensor | None = None
+        self.role_baseline: torch.Tensor | None = None
+
+    def start(self, model: nn.Module, probes: object = None, per_domain: int | None = None) -> None:
+        """Answer the probes with the base ``model`` and read the step-0 baselines."""
+        tok = self.tokenizer
+        self.probes = build_probe_set(tok, probes, per_domain)
+        start = time.perf_counter()
+        logger.info("anchor: answering %d probes with the base model for the step-0 baseline...",
+                    len(self.probes.prompts))
+        self.answers = generate_answers(model, tok, self.probes.prompts, self.max_new_tokens, self.batch_size)
+        self.baseline = answer_projections(model, self.probes.prompts, self.answers, self.axis,
+                                           batch_size=self.batch_size, pad_id=tok.pad_token_id)
+        if self.role_prompts:
+            with self.reference.active() as ref:
+                self.role_baseline = role_likeness(ref, tok, self.probes.texts, self.answers, self.role_prompts,
+                                                   self.batch_size)
+        logger.info("anchor: probe baseline ready in %.0f s.", time.perf_counter() - start)
+
+    def measure(self, model: nn.Module) -> dict[str, float]:
+        """Probe drift (and role-likeness where a reference exists) of ``model`` now, as ``{metric: value}``."""
+        tok, probes = self.tokenizer, self.probes
+        answers = self.answers
+        if self.mode == "generated" or self.role_prompts:
+            fresh = generate_answers(model, tok, probes.prompts, self.max_new_tokens, self.batch_size)
+            if self.mode == "generated":
+                answers = fresh
+        current = answer_projections(model, probes.prompts, answers, self.axis, batch_size=self.batch_size,
+                                     pad_id=tok.pad_token_id)
+        out = {}
+        for name, z in drift_scores(current, self.baseline, probes.domains).items():
+            out["probe_drift" + (f"/{name}" if name else "")] = z
+        if self.role_prompts:
+            with self.reference.active() as ref:
+                score = role_likeness(ref, tok, probes.texts, fresh, self.role_prompts, self.batch_size)
+            for name, value in domain_means(score, probes.domains).items():
+                out["role_likeness" + (f"/{name}" if name else "")] = value
+        return out
+
+    def state_dict(self) -> tuple[dict[str, torch.Tensor], dict]:
+        tensors = {"probe_baseline": self.baseline}
+        if self.role_baseline is not None:
+            tensors["role_baseline"] = self.role_baseline
+        p = self.probes
+        return tensors, {"domains": p.domains, "texts": p.texts, "prompts": p.prompts, "answers": self.answers}
+
+    def load_state_dict(self, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+        self.probes = ProbeSet(meta["domains"], meta["texts"], meta["prompts"])
+        self.answers = meta["answers"]
+        self.baseline = tensors["probe_baseline"]
+        self.role_baseline = tensors.get("role_baseline")

@@ -7,15 +7,10 @@ import torch
 
 from anchor.axis import AssistantAxis, PersonaSpace
 from anchor.hooks import LayerHooks
-from anchor.loss import (
-    Anchor,
-    Reference,
-    default_layers,
-    floor_penalty,
-    match_penalty,
-    sequence_mean,
-    steering_vector,
-)
+from anchor.capping import Steer
+from anchor.engine import Anchor, default_layers
+from anchor.loss import floor_penalty, match_penalty, sequence_mean
+from anchor.reference import Reference
 from tests.conftest import make_tiny_model
 
 LAYERS = [1, 2]
@@ -77,6 +72,11 @@ def test_floor_and_match_penalties_by_hand():
     proj, mask = proj[:1], mask[:1]
     ref = torch.tensor([[1.0, 1.0, 1.0]])
     assert match_penalty(proj, ref, gap=2.0, mask=mask).item() == pytest.approx((0.25 + 0 + 1.0) / 3)
+
+
+def steering_vector(axis: AssistantAxis, layer: int, coefficient: float) -> torch.Tensor:
+    """Preventative steering's push at ``layer``: capping's ``Steer`` with a negative coefficient."""
+    return Steer(None, axis, -coefficient, [layer]).vector(layer, axis.unit[layer].float())
 
 
 def test_steering_vector_points_away_from_the_assistant(tiny_axis):
@@ -195,7 +195,7 @@ def test_replay_gradient_equals_explicit_and_starts_at_zero(tiny_tokenizer, tiny
 
     model = _train_model(tiny_tokenizer, False)
     anchor = Anchor(model, tiny_axis, "replay", [1], weight, reference=Reference(model), replay_layers=layers)
-    anchor.set_replay(replay_ids, attention, answer, step=0)
+    anchor.method("replay").set_batch(anchor, replay_ids, attention, answer, step=0)
     anchor.start_step()
     model(**batch)
     assert anchor.pop_metrics()["replay_penalty"][0].item() == 0.0  # the model is still the reference
@@ -237,9 +237,9 @@ def test_lm_replay_gradient_equals_explicit_lm_loss(tiny_tokenizer, tiny_axis, m
     weight, lm_weight, coefficient = 0.6, 2.0, 0.3
 
     model = _train_model(tiny_tokenizer, mode)
-    with Anchor(model, tiny_axis, method, LAYERS, weight, 90.0, steer_coefficient=coefficient,
-                lm_replay_weight=lm_weight) as anchor:
-        anchor.set_lm_replay(ids, attention, answer)
+    with Anchor(model, tiny_axis, [method, "lm_replay"], LAYERS, weight, 90.0, steer_coefficient=coefficient,
+                method_weights=[1.0, lm_weight]) as anchor:
+        anchor.method("lm_replay").set_batch(ids, attention, answer)
         anchor.start_step()
         model(**batch).loss.backward()
         model(**batch)  # a second micro-batch of the same step: the replay term is not added again

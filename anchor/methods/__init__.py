@@ -1,0 +1,29 @@
+"""Anchoring methods: one file each, registered by name, composed by ``AnchorConfig(method=[...])``.
+
+Built in:
+
+* ``floor`` — squared hinge on each training sequence's mean projection falling below τ (Goodharts: the anchored
+  layers stay put while behaviour drifts; kept as the measured cautionary baseline);
+* ``match`` — each trained token's projection stays at the frozen reference's on the same tokens;
+* ``replay`` — the model's own sampled default answers keep the reference's projections over a band of layers;
+* ``preventative`` — steer away from the Assistant during training only, so the weights need not move that way;
+* ``lm_replay`` — axis-free: the LM loss of the base model's own answers to plain questions;
+* ``kl`` — axis-free: KL(base ‖ model) on the model's own sampled default answers (on-policy).
+
+Add your own with :func:`register_method` (see :mod:`anchor.methods.base`).
+"""
+
+from anchor.methods import floor, kl, lm_replay, match, preventative, replay  # noqa: F401  (registration)
+from anchor.methods.base import (
+    AnchorMethod,
+    RunContext,
+    available_methods,
+    build_methods,
+    default_prompts,
+    get_method,
+    register_method,
+    replay_questions,
+)
+
+__all__ = ["AnchorMethod", "RunContext", "available_methods", "build_methods", "default_prompts", "get_method",
+           "register_method", "replay_questions"]

@@ -1,0 +1,91 @@
+"""``lm_replay`` (axis-free): keep the base model's own default answers likely.
+
+Before training the base model answers ``lm_replay_pool`` plain questions (no system prompt) greedily; each
+optimizer step then adds the ordinary LM loss of ``replay_batch_size`` of those answers, drawn by (seed, step,
+rank) alone so a resume repeats them. Plain, because that is the form in which fine-tuning data without a system
+prompt overwrites the Assistant. Its forward is never steered or penalised. With ``preventative`` it kept the most
+persona in the drift benchmark; alone it is the control an axis method must beat.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from anchor.loss import answer_lm_loss
+from anchor.methods.base import AnchorMethod, RunContext, default_prompts, register_method, replay_questions
+
+if TYPE_CHECKING:
+    from anchor.engine import Anchor
+
+logger = logging.getLogger(__name__)
+_KEYS = ("input_ids", "attention_mask", "answer_mask")
+
+
+@register_method
+class LMReplay(AnchorMethod):
+    name = "lm_replay"
+    fields = ("replay_batch_size", "replay_max_new_tokens", "replay_questions", "lm_replay_pool")
+    needs_template = True
+
+    def __init__(self, *args: object, **kwargs: object):
+        super().__init__(*args, **kwargs)
+        self.pool: dict[str, torch.Tensor] | None = None
+        self.batch: dict[str, torch.Tensor] | None = None
+
+    def setup(self, run: RunContext) -> None:
+        from anchor.models import unwrap
+        from anchor.probes import generate_answers, pack_answers
+
+        if self.pool is not None:  # restored from a checkpoint
+            return
+        if run.resumed:
+            raise ValueError(
+                "method lm_replay is on, but the checkpoint was trained without it: its pool of base-model answers "
+                "cannot be written by the half-trained model. Resume without lm_replay, or start the run again.")
+        cfg, tok = self.config, run.tokenizer
+        prompts = default_prompts(tok, replay_questions(cfg), cfg.lm_replay_pool, f"anchor-lm-replay-{run.seed}")
+        start = time.perf_counter()
+        if run.progress:
+            logger.info("anchor: lm_replay: the base model answers %d plain questions (%d tokens each) for the replay "
+                        "pool...", len(prompts), cfg.replay_max_new_tokens)
+        answers = generate_answers(unwrap(run.model), tok, prompts, cfg.replay_max_new_tokens, cfg.replay_batch_size)
+        answers = [a or [tok.eos_token_id] for a in answers]
+        ids, attention, answer = pack_answers(prompts, answers, tok.pad_token_id)
+        self.pool = {"input_ids": ids, "attention_mask": attention, "answer_mask": answer.bool()}
+        if run.progress:
+            logger.info("anchor: lm_replay pool ready in %.0f s.", time.perf_counter() - start)
+
+    def set_batch(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, answer_mask: torch.Tensor) -> None:
+        """Use this batch ``[N, T]`` (right-padded prompt + answer; ``answer_mask`` marks the answer tokens) for
+        the coming steps instead of drawing from a pool."""
+        self.batch = {"input_ids": input_ids, "attention_mask": attention_mask, "answer_mask": answer_mask.bool()}
+
+    def start_step(self, engine: Anchor, step: int) -> None:
+        if self.pool is None:
+            return
+        n = self.pool["input_ids"].shape[0]
+        rng = random.Random(f"anchor-lm-replay-{engine.run.seed}-{step}-{engine.run.process_index}")
+        rows = torch.tensor(sorted(rng.sample(range(n), min(self.config.replay_batch_size, n))))
+        width = int(self.pool["attention_mask"][rows].sum(dim=1).max())  # right-padded: drop all-padding columns
+        self.set_batch(*(self.pool[k][rows, :width] for k in _KEYS))
+
+    def step_loss(self, engine: Anchor) -> torch.Tensor | None:
+        if self.batch is None:
+            return None
+        b = {k: v.to(engine.device) for k, v in self.batch.items()}
+        output, _ = engine.forward({"input_ids": b["input_ids"], "attention_mask": b["attention_mask"]})
+        loss = answer_lm_loss(output.logits, b["input_ids"], b["answer_mask"])
+        engine.add_metric("lm_replay_loss", loss.detach(), 1.0)
+        return loss
+
+    def state_dict(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        return ({f"pool.{k}": v for k, v in self.pool.items()} if self.pool is not None else {}), {}
+
+    def load_state_dict(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+        pool = {k[5:]: v for k, v in tensors.items() if k.startswith("pool.")}
+        self.pool = {**pool, "answer_mask": pool["answer_mask"].bool()} if pool else None

@@ -1,0 +1,85 @@
+"""The frozen model an anchor compares with: the base model, run under ``no_grad`` at the policy's precision.
+
+With PEFT it is the trained model itself with its adapters disabled (no extra memory); for full fine-tuning a frozen
+deep copy taken before training (one more copy of the weights).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from collections.abc import Callable, Iterator
+
+import torch
+from torch import nn
+
+from anchor.models import unwrap
+
+
+def find_peft(model: nn.Module) -> nn.Module | None:
+    """The PEFT model inside DDP/accelerate wrappers, or None."""
+    while model is not None:
+        if hasattr(model, "disable_adapter") and hasattr(model, "get_base_model"):
+            return model
+        inner = getattr(model, "module", None)
+        model = inner if isinstance(inner, nn.Module) else None
+    return None
+
+
+def is_zero3(model: nn.Module) -> bool:
+    """DeepSpeed ZeRO-3 partitions parameters (they carry ``ds_id``): weights are empty outside forward."""
+    return any(hasattr(p, "ds_id") for p in unwrap(model).parameters())
+
+
+class Reference:
+    """The frozen model the anchor compares with.
+
+    With PEFT it is the trained model itself with its adapters disabled (no extra memory). For full fine-tuning it is
+    a frozen deep copy of the model taken before training, kept on the same device (one more copy of the weights).
+    Either way it runs in eval mode under ``no_grad``.
+    """
+
+    def __init__(self, model: nn.Module, frozen: nn.Module | None = None,
+                 autocast: Callable[[], contextlib.AbstractContextManager] | None = None):
+        """``frozen`` is the base model for full fine-tuning when ``model`` has already moved (e.g. on resume).
+        ``autocast`` returns the mixed-precision context the policy's forward runs in (a trainer's
+        ``accelerator.autocast``), so the reference computes at the same precision."""
+        self._peft = find_peft(model)
+        self._autocast = autocast
+        if self._peft is not None:
+            self.module = unwrap(model)
+            self.kind = "peft"
+            return
+        if frozen is None and is_zero3(model):
+            raise ValueError(
+                "A frozen reference for full fine-tuning is a copy of the model, which cannot be made under "
+                "DeepSpeed ZeRO-3. Train a PEFT adapter (the reference is then the adapter-disabled model) or "
+                "use methods that need no frozen copy (floor, preventative, lm_replay)."
+            )
+        source = unwrap(frozen) if frozen is not None else copy.deepcopy(unwrap(model))
+        for module in source.modules():
+            # Trainers patch instance-level forwards with closures over the original model (TRL's fused LM head,
+            # accelerate's autocast); a deep copy keeps those closures and would silently run the trained model.
+            # Hooks copied along (another anchor's, input-grad hooks) do not belong on a frozen model either.
+            module.__dict__.pop("forward", None)
+            module._forward_hooks.clear()
+            module._forward_pre_hooks.clear()
+        self.module = source.eval().requires_grad_(False)
+        self.kind = "copy"
+
+    @contextlib.contextmanager
+    def active(self) -> Iterator[nn.Module]:
+        """Run the reference: yields the module to call."""
+        adapters = self._peft.disable_adapter() if self._peft is not None else contextlib.nullcontext()
+        autocast = self._autocast() if self._autocast is not None else contextlib.nullcontext()
+        was_training = self.module.training
+        with torch.no_grad(), adapters, autocast:
+            self.module.eval()
+            try:
+                yield self.module
+            finally:
+                self.module.train(was_training)
+
+
+
+__all__ = ["Reference", "find_peft", "is_zero3"]
