@@ -18,10 +18,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from anchor.extract import DEFAULT_KEY, ExtractionSettings, Persona, extract, load_shard
+from anchor.hooks import check_layers
+from anchor.io import atomic_write, atomic_write_text
 from anchor.models import decoder_layers, fingerprint, model_id, unwrap
 from anchor.personas import load_default_prompts, load_questions, load_roles
 
@@ -156,8 +159,11 @@ class AssistantAxis:
         An imported bundle has no quantiles; it answers only for its published capping floors, at the published
         percentile and layers (a percentile of the paper's own projection pool), and raises otherwise.
         """
+        layer = check_layers([layer], self.n_layers)[0]
         if not 0 <= percentile <= 100:
             raise ValueError(f"percentile={percentile} must be within 0..100.")
+        if source not in ("default", "roles"):
+            raise ValueError(f"source={source!r} must be 'default' or 'roles'.")
         published = self.metadata.get("cap") or {}
         if isinstance(self.quantiles, Missing) and source == "default" and percentile == published.get("percentile"):
             floors = published.get("tau", {})
@@ -173,6 +179,12 @@ class AssistantAxis:
 
     def default_projection(self, layer: int) -> float:
         return float(self.default_mean[layer] @ self.unit[layer])
+
+    def gap(self, layer: int) -> float:
+        """The default-to-role gap at ``layer``: ``‖axis[layer]‖``, the projection of the default mean minus that of
+        the mean role (the raw axis is their difference). The unit every anchor distance is measured in, so one
+        unit means "as far as the average role is from the Assistant" on every model."""
+        return float(self.axis[layer].norm())
 
     def pc1_cosine(self) -> torch.Tensor:
         """cosine(axis, PC1) per layer: how well the axis lines up with the main direction of persona space."""
@@ -217,8 +229,8 @@ class AssistantAxis:
             "residual_norm": self.residual_norm, **{f"pca.{k}": v for k, v in asdict_tensors(self.pca).items()},
         }
         config = {"format_version": FORMAT_VERSION, "role_names": self.role_names, "metadata": self.metadata}
-        _atomic_write(directory / WEIGHTS_NAME, lambda p: save_file({k: v.contiguous() for k, v in tensors.items()}, p))
-        _atomic_write(directory / CONFIG_NAME, lambda p: Path(p).write_text(json.dumps(config, indent=2)))
+        atomic_write(directory / WEIGHTS_NAME, lambda p: save_file({k: v.contiguous() for k, v in tensors.items()}, p))
+        atomic_write_text(directory / CONFIG_NAME, json.dumps(config, indent=2))
 
     @classmethod
     def from_official(
@@ -245,15 +257,17 @@ class AssistantAxis:
                 f"{directory} is not an axis bundle: it needs {WEIGHTS_NAME} and {CONFIG_NAME}. Create one with "
                 "`anchor axis --model M --out DIR` or AssistantAxis.save_pretrained."
             )
-        config = json.loads(config_path.read_text())
+        config = _read_json_object(config_path)
         if config.get("format_version") != FORMAT_VERSION:
             raise ValueError(
                 f"{config_path} has format_version {config.get('format_version')}; this anchor reads "
                 f"{FORMAT_VERSION}. Recompute the axis with this version."
             )
-        t = load_file(str(weights))
-        if "imported_from" in config["metadata"]:
+        imported = "imported_from" in _require(config_path, config, "metadata")
+        t = _read_tensors(weights, ("axis",) if imported else _BUNDLE_TENSORS)
+        if imported:
             return cls(axis=t["axis"], metadata=config["metadata"])
+        _check_consistent(directory, _require(config_path, config, "role_names"), t)
         pca = PersonaSpace(**{k[4:]: v for k, v in t.items() if k.startswith("pca.")})
         return cls(
             axis=t["axis"], default_mean=t["default_mean"], role_vectors=t["role_vectors"],
@@ -263,19 +277,63 @@ class AssistantAxis:
         )
 
 
+_BUNDLE_TENSORS = ("axis", "default_mean", "role_vectors", "quantiles.default", "quantiles.roles", "residual_norm",
+                   "pca.components", "pca.explained", "pca.role_coords", "pca.default_coords", "pca.center")
+_DAMAGED = "the bundle is damaged: copy it again, or recompute it (anchor axis --model M --out DIR)"
+
+
+def _read_json_object(path: Path) -> dict:
+    """A bundle's JSON file as a dict; anything else is refused with the file's name."""
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path} is not valid JSON ({err}); {_DAMAGED}.") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{path} holds a JSON {type(value).__name__}, not an object; {_DAMAGED}.")
+    return value
+
+
+def _require(path: Path, config: dict, key: str) -> object:
+    if key not in config:
+        raise ValueError(f"{path} has no {key!r} entry; {_DAMAGED}.")
+    return config[key]
+
+
+def _read_tensors(path: Path, names: Sequence[str]) -> dict[str, torch.Tensor]:
+    """The bundle's tensors; a truncated or damaged file, or one missing a tensor, is refused with its name."""
+    try:
+        tensors = load_file(str(path))
+    except SafetensorError as err:
+        raise ValueError(f"{path} cannot be read ({err}): it is truncated or damaged; {_DAMAGED}.") from None
+    missing = [n for n in names if n not in tensors]
+    if missing:
+        raise ValueError(f"{path} lacks the tensors {missing}; {_DAMAGED}.")
+    return tensors
+
+
+def _check_consistent(directory: Path, role_names: object, t: dict[str, torch.Tensor]) -> None:
+    """Refuse a bundle whose names and tensors disagree (files edited, or mixed from two bundles)."""
+    if t["axis"].dim() != 2 or t["role_vectors"].dim() != 3:
+        raise ValueError(f"{directory / WEIGHTS_NAME} holds an axis of shape {list(t['axis'].shape)} (expected "
+                         f"[layers, hidden]); {_DAMAGED}.")
+    (n_layers, hidden), n_roles, levels = t["axis"].shape, t["role_vectors"].shape[0], len(QUANTILE_LEVELS)
+    problems = []
+    if not isinstance(role_names, list) or not all(isinstance(n, str) for n in role_names):
+        problems.append("role_names is not a list of names")
+    elif len(role_names) != n_roles or len(set(role_names)) != len(role_names):
+        problems.append(f"{len(role_names)} role_names ({len(set(role_names))} distinct) for {n_roles} role vectors")
+    shapes = {"default_mean": (n_layers, hidden), "role_vectors": (n_roles, n_layers, hidden),
+              "quantiles.default": (n_layers, levels), "quantiles.roles": (n_layers, levels),
+              "residual_norm": (n_layers,)}
+    problems += [f"{name} has shape {list(t[name].shape)}, expected {list(shape)}"
+                 for name, shape in shapes.items() if tuple(t[name].shape) != shape]
+    if problems:
+        raise ValueError(f"{directory} is not a consistent axis bundle: {'; '.join(problems)}. Its {CONFIG_NAME} and "
+                         f"{WEIGHTS_NAME} do not belong together; {_DAMAGED}.")
+
+
 def asdict_tensors(space: PersonaSpace) -> dict[str, torch.Tensor]:
     return {k: getattr(space, k) for k in ("components", "explained", "role_coords", "default_coords", "center")}
-
-
-def _atomic_write(path: Path, write: object) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def _sample(items: Sequence, n: int | None, seed: int, what: str) -> list:
@@ -378,6 +436,57 @@ def compute_axis(
         work = Path(out_dir) if out_dir is not None else Path(tmp)
         paths = extract(model, tokenizer, personas, qs, work, settings, progress=progress)
         return build_axis(paths, metadata)
+
+
+@dataclass(frozen=True)
+class AxisSettings:
+    """How an axis is sampled when anchor computes one for you: on the fly at the start of training, or for a
+    command given no bundle. The one cache of such axes is keyed by the model's fingerprint and these settings."""
+
+    n_roles: int | None = 16
+    n_questions: int | None = 24
+    prompts_per_role: int | None = 1
+    max_new_tokens: int = 24
+    mode: str = "generate"
+    seed: int = 0
+
+    def key(self) -> str:
+        """A short digest of the settings and the bundle format."""
+        import hashlib
+
+        blob = json.dumps({**asdict(self), "format": FORMAT_VERSION}, sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:12]
+
+
+def axis_cache_dir(model: nn.Module, settings: AxisSettings) -> Path:
+    """Where the axis of ``model`` computed with ``settings`` is cached (``cache_dir()/axes/<fingerprint>-<key>``)."""
+    from anchor.models import cache_dir
+
+    return cache_dir() / "axes" / f"{fingerprint(model)}-{settings.key()}"
+
+
+def cached_axis(model: nn.Module, tokenizer: object, settings: AxisSettings | None = None, batch_size: int = 32,
+                progress: bool = True, write: bool = True) -> AssistantAxis:
+    """The axis of ``model`` as it is now, computed with ``settings`` once and cached by model fingerprint.
+
+    The extraction shards sit beside the cached bundle, so an interrupted computation resumes. ``write=False``
+    computes without touching the cache (the other ranks of a distributed run, which compute in lockstep while
+    rank 0 writes); a cached bundle is still read.
+    """
+    settings = settings or AxisSettings()
+    directory = axis_cache_dir(model, settings)
+    if (directory / CONFIG_NAME).is_file():
+        return AssistantAxis.from_pretrained(directory)
+    if progress:
+        print(f"anchor: computing the Assistant Axis of this model once ({settings}); it is cached in {directory}",
+              flush=True)
+    axis = compute_axis(model, tokenizer, mode=settings.mode, n_roles=settings.n_roles,
+                        n_questions=settings.n_questions, prompts_per_role=settings.prompts_per_role,
+                        max_new_tokens=settings.max_new_tokens, seed=settings.seed, batch_size=batch_size,
+                        out_dir=directory / "extraction" if write else None, progress=progress)
+    if write:
+        axis.save_pretrained(directory)
+    return axis
 
 
 def _version() -> str:

@@ -81,11 +81,14 @@ class _Intervention:
     ``vectors[layer]`` (float32) is copied once per device and dtype it is used in, not on every forward.
     """
 
-    def __init__(self, model: nn.Module, axis: AssistantAxis, vectors: dict[int, torch.Tensor]):
+    def __init__(self, model: nn.Module | None, axis: AssistantAxis, vectors: dict[int, torch.Tensor]):
+        """``model=None`` builds the edit without hooks, for a caller that runs it from its own hooks (the training
+        engine applies preventative steering on policy training passes only)."""
         self.layers = sorted(vectors)
         self._vectors = vectors
         self._cache: dict[tuple[int, torch.device, torch.dtype], torch.Tensor] = {}
-        self._hooks = LayerHooks(model, self.layers, self._apply, axis.metadata.get("layers_path"))
+        self._hooks = LayerHooks(model, self.layers, self.apply, axis.metadata.get("layers_path")) \
+            if model is not None else None
 
     def _vector(self, layer: int, like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         key = (layer, like.device, dtype)
@@ -93,16 +96,18 @@ class _Intervention:
             self._cache[key] = self._vectors[layer].to(device=like.device, dtype=dtype)
         return self._cache[key]
 
-    def _apply(self, layer: int, hidden: torch.Tensor) -> torch.Tensor:
+    def apply(self, layer: int, hidden: torch.Tensor) -> torch.Tensor:
+        """``layer``'s output with the intervention applied."""
         raise NotImplementedError
 
     @property
     def attached(self) -> bool:
-        return self._hooks.attached
+        return self._hooks is not None and self._hooks.attached
 
     def detach(self) -> None:
         """Remove the hooks; the model computes exactly what it did before."""
-        self._hooks.detach()
+        if self._hooks is not None:
+            self._hooks.detach()
 
     def __enter__(self) -> _Intervention:
         return self
@@ -119,7 +124,7 @@ class Cap(_Intervention):
         self.percentile = percentile
         super().__init__(model, axis, {i: axis.unit[i].float() for i in tau})
 
-    def _apply(self, layer: int, hidden: torch.Tensor) -> torch.Tensor:
+    def apply(self, layer: int, hidden: torch.Tensor) -> torch.Tensor:
         # The clamp runs in float32 so bf16/fp16 rounding cannot decide which tokens are below the floor; tokens
         # above it are copied through untouched (torch.where), not re-rounded by adding a zero.
         unit = self._vector(layer, hidden, torch.float32)
@@ -135,16 +140,37 @@ class Cap(_Intervention):
 class Steer(_Intervention):
     """An attached constant push along the axis; ``shift[layer]`` is the added projection at each layer."""
 
-    def __init__(self, model: nn.Module, axis: AssistantAxis, coeff: float, layers: list[int]):
+    def __init__(self, model: nn.Module | None, axis: AssistantAxis, coeff: float, layers: list[int]):
         self.coeff = float(coeff)
         self.shift = {i: self.coeff * float(axis.residual_norm[i]) for i in layers}
         super().__init__(model, axis, {i: axis.unit[i].float() * self.shift[i] for i in layers})
 
-    def _apply(self, layer: int, hidden: torch.Tensor) -> torch.Tensor:
-        return hidden + self._vector(layer, hidden, hidden.dtype)
+    def vector(self, layer: int, like: torch.Tensor) -> torch.Tensor:
+        """The vector added at ``layer``, on ``like``'s device and in its dtype."""
+        return self._vector(layer, like, like.dtype)
+
+    def apply(self, layer: int, hidden: torch.Tensor) -> torch.Tensor:
+        return hidden + self.vector(layer, hidden)
 
     def __repr__(self) -> str:
         return f"Steer(coeff={self.coeff}, layers={self.layers}, attached={self.attached})"
+
+
+def _floor(value: object, name: str) -> float:
+    """A floor as a finite float. NaN would cap nothing (every comparison with it is false) and an infinite floor
+    would lift every state to infinity, so both are refused, as are strings and bools."""
+    number = None if isinstance(value, str | bytes | bool) else _as_float(value)
+    if number is None or not math.isfinite(number):
+        raise ValueError(f"{name}={value!r} must be a finite number (a projection on the axis, e.g. "
+                         "axis.tau(layer, 25)); or leave tau out and pass percentile=.")
+    return number
+
+
+def _as_float(value: object) -> float | None:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
 
 
 def _resolve_tau(
@@ -161,10 +187,11 @@ def _resolve_tau(
         missing = [i for i in chosen if i not in tau]
         if missing:
             raise ValueError(f"tau has no floor for layers {missing}; give one per capped layer, or a single float.")
-        return {i: float(tau[i]) for i in chosen}, None
+        return {i: _floor(tau[i], f"tau[{i}]") for i in chosen}, None
     chosen = check_layers(default_cap_layers(axis) if layers is None else layers, axis.n_layers)
     if tau is not None:
-        return {i: float(tau) for i in chosen}, None
+        floor = _floor(tau, "tau")
+        return {i: floor for i in chosen}, None
     p = default_cap_percentile(axis) if percentile is None else float(percentile)
     if not 0 <= p <= 100:
         raise ValueError(f"percentile={p} must be within 0..100 (a percentile of default-answer projections).")
