@@ -11,6 +11,7 @@ checkpoints ``forward`` only, so a module hook fires once per forward, not again
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -24,8 +25,14 @@ LayerFn = Callable[[int, torch.Tensor], "torch.Tensor | None"]
 
 
 def check_layers(layers: Iterable[int], n_layers: int) -> list[int]:
-    """Validate layer indices (0-based, one per decoder layer) and return them sorted and unique."""
-    layers = sorted(set(int(i) for i in layers))
+    """Validate layer indices (0-based, one per decoder layer) and return them sorted and unique.
+
+    Only whole numbers are layer indices. A string, a bool or a float is refused rather than converted: ``"21"``
+    would otherwise read as layers 2 and 1, and ``1.7`` as layer 1.
+    """
+    if isinstance(layers, str | bytes) or not isinstance(layers, Iterable):
+        raise ValueError(f"layers={layers!r} must be a list of layer indices (whole numbers), e.g. [20, 21].")
+    layers = sorted(set(_layer_index(i) for i in layers))
     bad = [i for i in layers if not 0 <= i < n_layers]
     if bad or not layers:
         raise ValueError(
@@ -33,6 +40,15 @@ def check_layers(layers: Iterable[int], n_layers: int) -> list[int]:
             f"0..{n_layers - 1}; layer i is the output of decoder layer i."
         )
     return layers
+
+
+def _layer_index(value: object) -> int:
+    if not isinstance(value, bool):
+        try:
+            return operator.index(value)  # int, and numpy or torch integers; never a float, a string or None
+        except TypeError:
+            pass
+    raise ValueError(f"layer {value!r} ({type(value).__name__}) is not a layer index: give whole numbers, e.g. 21.")
 
 
 class LayerHooks:
