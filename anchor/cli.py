@@ -11,7 +11,7 @@ import argparse
 import importlib
 import sys
 
-COMMANDS = ("axis", "data", "train", "calibrate", "monitor", "chat", "generate", "eval", "import_axis")
+COMMANDS = ("axis", "data", "train", "calibrate", "monitor", "chat", "generate", "eval", "import_axis", "export")
 
 
 def build_parser() -> argparse.ArgumentParser:
