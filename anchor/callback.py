@@ -192,8 +192,8 @@ class AnchorCallback(TrainerCallback, ExportableState):
         why = (f"chosen from the bundle: the {len(layers)} contiguous layers between the middle and 85% of the depth "
                f"with the highest mean |cosine(axis, PC1)|, {float(cos[layers].mean()):.2f}" if chosen else "as given")
         tau = ", ".join(f"{i}: {t:.2f}" for i, t in sorted(self.anchor.tau.items()))
-        logger.info("anchor: methods %s (weights %s) at layers %s (%s); floor tau (p%g) {%s}", self.config.method,
-                    self.config.weights(), layers, why, self.config.floor_percentile, tau)
+        logger.info("anchor: method=%s at layers %s (%s); weights %s; floor tau (p%g) {%s}",
+                    "+".join(self.config.method), layers, why, self.config.weights(), self.config.floor_percentile, tau)
 
     def _make_reference(self, model: nn.Module, resumed: bool) -> Reference | None:
         """The frozen reference: for methods that need one; for the role-likeness probe only when PEFT makes it free."""
@@ -339,9 +339,10 @@ class AnchorCallback(TrainerCallback, ExportableState):
                 return load_state(Path(candidate) / STATE_DIR)
         complete = sorted(str(p.parent) for p in Path(args.output_dir).glob(f"checkpoint-*/{STATE_DIR}"))
         raise RuntimeError(
-            f"Resuming at step {state.global_step} from a checkpoint without its {STATE_DIR}/ folder (written by an "
-            "older anchor, or cut short). Continuing would anchor to a different axis and probe baseline than the run "
-            "started with. Resume from a checkpoint that has it"
+            f"Resuming at step {state.global_step} from a checkpoint without its {STATE_DIR}/ folder (written without "
+            "AnchorCallback, or cut short). Continuing would anchor to another axis and probe baseline than the run "
+            "started with (an axis computed now would come from the half-trained model). Resume from a checkpoint "
+            "that has it"
             + (f" ({', '.join(complete)})" if complete else "") + ", or start the run again.")
 
     def _check_same_settings(self, saved: AnchorState) -> None:

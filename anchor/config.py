@@ -106,7 +106,10 @@ class AnchorConfig:
         if not self.method or len(set(self.method)) != len(self.method):
             raise ValueError(f"AnchorConfig.method={self.method}: name one or more methods, each once.")
         for name in self.method:
-            get_method(name)  # an unknown name raises, listing the registered ones
+            try:
+                get_method(name)
+            except ValueError as err:
+                raise ValueError(f"AnchorConfig.method: {err}") from None
         if self.method_weights is not None:
             self.method_weights = [float(w) for w in self.method_weights]
             if len(self.method_weights) != len(self.method):

@@ -16,7 +16,7 @@ from datasets import Dataset
 
 from anchor.axis import AxisMismatchError
 from anchor.callback import AnchorCallback, AnchorConfig
-from anchor.loss import Anchor
+from anchor.engine import Anchor, NonFiniteError
 from anchor.probes import answer_nll, drift_scores, generate_answers, preserved_rng, role_likeness
 from anchor.spans import encode_prompt
 from tests.conftest import make_tiny_model
@@ -93,7 +93,9 @@ def test_config_parses_with_trl_parser_next_to_trainer_configs():
 
 
 @pytest.mark.parametrize("bad", [{"method": "ceiling"}, {"probe_mode": "sometimes"}, {"floor_percentile": 101},
-                                 {"probes_per_domain": 0}, {"lm_replay_weight": -1.0},
+                                 {"probes_per_domain": 0}, {"method_weights": [-1.0]},
+                                 {"weight": float("nan")}, {"steer_coefficient": float("inf")}, {"layers": []},
+                                 {"method": ["floor", "floor"]}, {"method": ["floor"], "method_weights": [1.0, 2.0]},
                                  {"lm_replay_pool": 0}, {"replay_questions": []},
                                  {"replay_questions": ["fine", " "]},
                                  {"weight": -1}, {"replay_refresh_steps": 0}])
@@ -110,8 +112,8 @@ def test_config_refuses_bad_values(bad):
 @pytest.mark.slow
 @pytest.mark.parametrize("method", ["floor", "preventative"])
 def test_weight_zero_is_bit_identical_to_no_callback(tiny_tokenizer, tiny_axis, tmp_path, method, probe_file):
-    config = AnchorConfig(layers=LAYERS, method=method, weight=0.0, probe_every=2, probe_mode="generated",
-                          probe_max_new_tokens=6, steer_coefficient=3.0, probe_file=probe_file, lm_replay_weight=1.0,
+    config = AnchorConfig(layers=LAYERS, method=[method, "lm_replay"], weight=0.0, probe_every=2,
+                          probe_mode="generated", probe_max_new_tokens=6, steer_coefficient=3.0, probe_file=probe_file,
                           lm_replay_pool=4, replay_max_new_tokens=4)
     plain = _sft(tiny_tokenizer, tmp_path / "plain", None, gradient_checkpointing=True)
     plain.train()
@@ -184,9 +186,11 @@ ON_THE_FLY = dict(axis_n_roles=2, axis_n_questions=2, axis_max_new_tokens=4, axi
 def test_resume_is_bit_exact_and_never_recomputes_the_axis(tiny_tokenizer, tmp_path, monkeypatch, method,
                                                             lm_replay_weight, probe_file):
     monkeypatch.setenv("ANCHOR_CACHE", str(tmp_path / "cache"))
-    config = AnchorConfig(layers=LAYERS, method=method, weight=2.0, floor_percentile=90, probe_every=2,
+    methods = [method, "lm_replay"] if lm_replay_weight else [method]
+    config = AnchorConfig(layers=LAYERS, method=methods, weight=2.0, floor_percentile=90, probe_every=2,
                           probe_max_new_tokens=6, replay_batch_size=2, replay_refresh_steps=3,
-                          replay_max_new_tokens=6, probe_file=probe_file, lm_replay_weight=lm_replay_weight,
+                          replay_max_new_tokens=6, probe_file=probe_file,
+                          method_weights=[1.0, lm_replay_weight] if lm_replay_weight else None,
                           lm_replay_pool=5, steer_coefficient=0.5, **ON_THE_FLY)
     common = dict(max_steps=6, save_strategy="steps", save_steps=2)
     # a full fine-tune resumed with replay reloads its frozen reference from config._name_or_path
@@ -207,17 +211,18 @@ def test_resume_is_bit_exact_and_never_recomputes_the_axis(tiny_tokenizer, tmp_p
     def refuse(*_a, **_k):
         raise AssertionError("the axis was recomputed on resume")
 
-    monkeypatch.setattr("anchor.callback.compute_axis", refuse)
+    monkeypatch.setattr("anchor.axis.compute_axis", refuse)
     second = AnchorCallback(config)
     resumed = _sft(tiny_tokenizer, tmp_path / "b", [second], model=base(), **common)  # another output_dir
     resumed.train(resume_from_checkpoint=str(tmp_path / "a" / "out" / "checkpoint-2"))
 
     assert torch.equal(_flat(straight.model), _flat(resumed.model))
-    assert torch.equal(first.axis.axis, second.axis.axis) and first.tau == second.tau
-    assert torch.equal(first.probe_baseline, second.probe_baseline)
+    assert torch.equal(first.axis.axis, second.axis.axis) and first.anchor.tau == second.anchor.tau
+    assert torch.equal(first.probes.baseline, second.probes.baseline)
     assert _anchor_logs(straight) == _anchor_logs(resumed)  # steps 1-2 restored with the checkpoint, 3-6 re-run
     if lm_replay_weight:
-        assert all(torch.equal(first.lm_pool[k], second.lm_pool[k]) for k in first.lm_pool)
+        pools = [cb.anchor.method("lm_replay").pool for cb in (first, second)]
+        assert all(torch.equal(pools[0][k], pools[1][k]) for k in pools[0])
         assert all("anchor/lm_replay_loss" in h for h in _anchor_logs(straight))
 
 
@@ -225,9 +230,10 @@ def test_resume_refuses_to_start_lm_replay_midway(tiny_tokenizer, tiny_axis, tmp
     common = dict(max_steps=2, save_strategy="steps", save_steps=2)
     _sft(tiny_tokenizer, tmp_path / "a", [AnchorCallback(AnchorConfig(layers=LAYERS), axis=tiny_axis)],
          **common).train()
-    config = AnchorConfig(layers=LAYERS, lm_replay_weight=1.0)
+    config = AnchorConfig(layers=LAYERS, method=["floor", "lm_replay"])
     resumed = _sft(tiny_tokenizer, tmp_path / "b", [AnchorCallback(config, axis=tiny_axis)], max_steps=4)
-    with pytest.raises(ValueError, match="trained without LM replay"):
+    refusal = r"trained with AnchorConfig.method=\['floor'\], this run has \['floor', 'lm_replay'\]"
+    with pytest.raises(ValueError, match=refusal):
         resumed.train(resume_from_checkpoint=str(tmp_path / "a" / "out" / "checkpoint-2"))
 
 
@@ -313,19 +319,24 @@ def test_probes_are_logged_at_their_own_steps(tiny_tokenizer, tiny_axis, tmp_pat
     assert [h["step"] for h in logs] == [2, 3, 4]  # steps 2 and 4 forced by the probes, 3 by logging_steps
     assert [("anchor/probe_drift" in h) for h in logs] == [True, False, True]
     assert [h["anchor/weight"] for h in logs] == [0.5, 1.0, 1.0]  # λ ramps over weight_warmup_steps=2
-    assert set(callback.probes.domains) == {"coding", "writing", "emotional", "meta"}
+    assert set(callback.probes.probes.domains) == {"coding", "writing", "emotional", "meta"}
 
 
-def test_nonfinite_projections_are_reported_with_a_warning(tiny_tokenizer, tiny_axis, caplog):
+def test_nonfinite_projections_stop_the_run_before_a_checkpoint(tiny_tokenizer, tiny_axis):
+    """A NaN projection (or term) stops the run at the end of its step, naming what turned non-finite, and the
+    share of bad tokens is still logged."""
     callback = AnchorCallback(AnchorConfig(layers=LAYERS))
     callback.anchor = Anchor(make_tiny_model(tiny_tokenizer), tiny_axis, "floor", LAYERS)
-    callback.anchor._add_metric("nonfinite", torch.tensor(3.0), 12.0)
+    callback.anchor.add_metric("nonfinite", torch.tensor(3.0), 12.0)
+    callback.anchor._count_nonfinite("the projection at layer 2", torch.tensor(True))
+    with pytest.raises(NonFiniteError, match=r"projection at layer 2 turned NaN/Inf at step 7"):
+        callback.on_step_end(SimpleNamespace(), SimpleNamespace(global_step=7), SimpleNamespace())
     logs = {"loss": 1.0}
-    with caplog.at_level(logging.WARNING, logger="anchor.callback"):
-        callback.on_log(SimpleNamespace(), SimpleNamespace(global_step=7, log_history=[]), SimpleNamespace(),
-                        logs=logs)
+    callback.on_log(SimpleNamespace(), SimpleNamespace(global_step=7, log_history=[]), SimpleNamespace(), logs=logs)
     assert logs["anchor/nonfinite"] == pytest.approx(0.25)
-    assert "NaN/Inf" in caplog.text and "step 7" in caplog.text
+    with pytest.raises(RuntimeError, match="training loss is nan at step 7"):
+        callback.on_log(SimpleNamespace(), SimpleNamespace(global_step=7, log_history=[]), SimpleNamespace(),
+                        logs={"loss": float("nan")})
     callback.anchor.detach()
 
 
@@ -441,7 +452,7 @@ def test_sampling_probes_leave_training_randomness_and_mode_alone(tiny_tokenizer
 
 
 def test_default_layers_are_announced_with_the_reason(tiny_tokenizer, tiny_axis, tmp_path, caplog):
-    from anchor.loss import default_layers
+    from anchor.engine import default_layers
 
     trainer = _sft(tiny_tokenizer, tmp_path, [AnchorCallback(AnchorConfig(probe_every=0), axis=tiny_axis)],
                    max_steps=1)
@@ -464,20 +475,22 @@ def test_bf16_autocast_on_cpu_trains_with_finite_anchor_metrics(tiny_tokenizer, 
 
 
 def test_replay_asks_the_given_questions(tiny_tokenizer):
-    callback = AnchorCallback(AnchorConfig(replay_questions=["What is two plus two?"]))
-    callback._tokenizer = tiny_tokenizer
-    prompts = callback._default_prompts(3, "salt")
+    from anchor.methods import default_prompts, replay_questions
+    from anchor.personas import load_default_prompts
+
+    config = AnchorConfig(method="replay", replay_questions=["What is two plus two?"])
+    prompts = default_prompts(tiny_tokenizer, replay_questions(config), 3, "salt", load_default_prompts())
     assert len(prompts) == 3
     assert all("What is two plus two?" in tiny_tokenizer.decode(p) for p in prompts)
 
 
 def test_lm_replay_pool_asks_plain_questions(tiny_tokenizer, tiny_axis, tmp_path):
-    config = AnchorConfig(layers=LAYERS, method="preventative", lm_replay_weight=1.0, lm_replay_pool=6,
+    config = AnchorConfig(layers=LAYERS, method=["preventative", "lm_replay"], lm_replay_pool=6,
                           replay_max_new_tokens=3, replay_questions=["Name a colour.", "Count to three."])
     callback = AnchorCallback(config, axis=tiny_axis)
     _sft(tiny_tokenizer, tmp_path, [callback], max_steps=1).train()
     plain = {tuple(encode_prompt(tiny_tokenizer, [{"role": "user", "content": q}])) for q in config.replay_questions}
-    pool = callback.lm_pool
+    pool = callback.anchor.method("lm_replay").pool
     for ids, attention, answer in zip(pool["input_ids"], pool["attention_mask"], pool["answer_mask"], strict=True):
         prompt = ids[attention.bool() & ~answer].tolist()
         assert tuple(prompt) in plain  # the question alone: no system message

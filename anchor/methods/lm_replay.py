@@ -45,8 +45,9 @@ class LMReplay(AnchorMethod):
             return
         if run.resumed:
             raise ValueError(
-                "method lm_replay is on, but the checkpoint was trained without it: its pool of base-model answers "
-                "cannot be written by the half-trained model. Resume without lm_replay, or start the run again.")
+                "method lm_replay is on, but the checkpoint was trained without LM replay: its pool of base-model "
+                "answers cannot be written by the half-trained model. Resume without lm_replay, or start the run "
+                "again.")
         cfg, tok = self.config, run.tokenizer
         prompts = default_prompts(tok, replay_questions(cfg), cfg.lm_replay_pool, f"anchor-lm-replay-{run.seed}")
         start = time.perf_counter()
