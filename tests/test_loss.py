@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from anchor.axis import AssistantAxis, PersonaSpace
-from anchor.hooks import LayerHooks
 from anchor.capping import Steer
 from anchor.engine import Anchor, default_layers
+from anchor.hooks import LayerHooks
 from anchor.loss import floor_penalty, match_penalty, sequence_mean
 from anchor.reference import Reference
 from tests.conftest import make_tiny_model
