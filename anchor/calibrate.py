@@ -18,7 +18,6 @@ then uses by default.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import random
@@ -34,6 +33,7 @@ from anchor.axis import AssistantAxis
 from anchor.capping import DEFAULT_BAND, Cap, band_layers
 from anchor.extract import ExtractionSettings, run_batch
 from anchor.hooks import LayerHooks, check_layers
+from anchor.io import atomic_write, atomic_write_json, atomic_write_text, nan_to_none
 from anchor.models import fingerprint, model_id
 from anchor.personas import load_probes, load_questions, load_role_records
 from anchor.spans import encode_chat, encode_prompt
@@ -41,6 +41,8 @@ from anchor.spans import encode_chat, encode_prompt
 DEFAULT_BAND_FRACTIONS = ((0.55, 0.70), DEFAULT_BAND, (0.85, 1.0))
 """Candidate bands as fractions of depth: below, at and above the paper's band."""
 DEFAULT_PERCENTILES = (5.0, 25.0, 50.0, 75.0)
+REPORT_FILES = ("sweep.json", "sweep.md", "sweep.png")
+"""What :func:`write_report` writes into its directory."""
 DRIFT_DOMAINS = ("emotional", "meta")
 ORDINARY_DOMAINS = ("coding", "writing")
 FAR_ROLE_CATEGORIES = ("mystic", "trickster", "villain", "non-human", "cosmic")
@@ -366,14 +368,20 @@ def _measure_cost(model: nn.Module, axis: AssistantAxis, answers: _Answers, cand
 
 
 def write_report(result: Calibration, out_dir: str | os.PathLike) -> list[Path]:
-    """Write ``sweep.json``, ``sweep.md`` and ``sweep.png`` (lift against KL, one labelled point per candidate)."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    paths = [out / "sweep.json", out / "sweep.md", out / "sweep.png"]
-    paths[0].write_text(json.dumps(result.to_json(), indent=2))
-    paths[1].write_text(result.to_markdown())
+    """Write :data:`REPORT_FILES`: ``sweep.json``, ``sweep.md`` and ``sweep.png`` (lift against KL, one labelled
+    point per candidate), each atomically."""
+    paths = [Path(out_dir) / name for name in REPORT_FILES]
+    atomic_write_json(paths[0], nan_to_none(result.to_json()), indent=2)
+    atomic_write_text(paths[1], result.to_markdown())
     _plot(result, paths[2])
     return paths
+
+
+def no_fit_dir(out_dir: str | os.PathLike) -> Path:
+    """Where a sweep in which nothing fits the budget is written: beside ``out_dir``, never over it, since the report
+    in ``out_dir`` is the evidence behind the setting already stored in the bundle."""
+    out = Path(out_dir)
+    return out.with_name(out.name + "-no-fit")
 
 
 def _plot(result: Calibration, path: Path) -> None:
@@ -394,7 +402,7 @@ def _plot(result: Calibration, path: Path) -> None:
     ax.set_title(f"Capping calibration: {result.model.get('model_id') or 'model'}")
     ax.legend(loc="lower right")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120))
     plt.close(fig)
 
 
@@ -408,14 +416,20 @@ def calibrate_bundle(
     check_weights: bool = True,
 ) -> Calibration:
     """Calibrate the bundle in ``axis_dir``, write the sweep report (default ``axis_dir/calibration``) and
-    save the chosen setting into the bundle. Raises RuntimeError, after writing the report, when no candidate
-    fits the budget; the bundle is then left unchanged."""
+    save the chosen setting into the bundle.
+
+    When no candidate fits the budget, the bundle and the report in ``out_dir`` (the one behind the setting it
+    holds) are left as they were: the sweep goes to :func:`no_fit_dir` instead, and RuntimeError says where.
+    """
     axis = AssistantAxis.from_pretrained(axis_dir)
     result = calibrate(model, tokenizer, axis, settings, progress, check_weights)
     out = Path(axis_dir) / "calibration" if out_dir is None else Path(out_dir)
-    write_report(result, out)
     if result.chosen is None:
-        raise RuntimeError(f"{result.no_choice_message()} The sweep is in {out}; the bundle was not changed.")
+        rejected = no_fit_dir(out)
+        write_report(result, rejected)
+        raise RuntimeError(f"{result.no_choice_message()} This sweep is in {rejected}; the bundle and its report in "
+                           f"{out} were not changed.")
+    write_report(result, out)
     axis.metadata["cap"] = result.setting()
     axis.save_pretrained(axis_dir)
     return result

@@ -29,7 +29,16 @@ from tqdm.auto import tqdm
 from anchor.axis import AssistantAxis
 from anchor.capping import cap, steer
 from anchor.extract import left_pad, stop_ids
-from anchor.monitor import Messages, default_band, monitor, monitor_many, resolve_layer
+from anchor.monitor import (
+    ContextLengthError,
+    Messages,
+    check_context,
+    context_length,
+    default_band,
+    monitor,
+    monitor_many,
+    resolve_layer,
+)
 from anchor.spans import encode_prompt, render_chat
 
 
@@ -67,6 +76,7 @@ class TurnDecoder:
 
     def __init__(self, model: nn.Module, tokenizer: object, n: int):
         self.model, self.n = model, n
+        self.context = context_length(model)
         self.device = next(model.parameters()).device
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.stop = torch.tensor(sorted(stop_ids(model, tokenizer)), device=self.device)
@@ -106,6 +116,9 @@ class TurnDecoder:
         rows = [[*self._unfed[i], *s] if s is not None else [] for i, s in enumerate(segments)]
         if any(s is not None and not r for s, r in zip(segments, rows, strict=True)):
             raise ValueError("a conversation has nothing to answer: its new segment is empty.")
+        fed = self._mask.sum(dim=1).tolist()
+        check_context(self.model, [int(fed[i]) + len(r) + max_new_tokens if segments[i] is not None else 0
+                                   for i, r in enumerate(rows)], "conversation (history + new turn + reply)")
         ids, mask = left_pad(rows, self.pad_id, self.device)
         for i, s in enumerate(segments):
             if s is not None:
@@ -158,8 +171,15 @@ class ConversationBatch:
             None if t is None else self._tokens(t if s is None else t[len(s):])
             for t, s in zip(texts, self._seen, strict=True)
         ]
+        try:
+            answered = self._decoder.reply(segments, max_new_tokens)
+        except ValueError:  # refused before any token was fed: take the unanswered user turns back out
+            for i, turn in enumerate(user_turns):
+                if turn is not None:
+                    self.messages[i].pop()
+            raise
         replies: list[str | None] = [None] * len(user_turns)
-        for i, ids in enumerate(self._decoder.reply(segments, max_new_tokens)):
+        for i, ids in enumerate(answered):
             if ids is not None:
                 replies[i] = _decode(self.tokenizer, ids)
                 self.messages[i].append({"role": "assistant", "content": replies[i]})
@@ -187,6 +207,7 @@ def generate_replies(
                 "conversation with a {'role': 'user', ...} message."
             )
     prompts = [encode_prompt(tokenizer, messages) for messages in conversations]
+    check_context(model, [len(p) + max_new_tokens for p in prompts], "conversation (prompt + reply)")
     order = sorted(range(len(prompts)), key=lambda i: (len(prompts[i]), i))
     replies: list[str] = [""] * len(prompts)
     for start in tqdm(range(0, len(order), batch_size), desc="generate", unit="batch", disable=not progress):
@@ -283,7 +304,11 @@ def chat_loop(
             write("(conversation reset)")
             continue
         for session in sessions:
-            reply = session.say(text)
+            try:
+                reply = session.say(text)
+            except ContextLengthError as err:  # the history outgrew the model: say so, and /reset still works
+                write(f"[{session.intervention.label}] (not answered: {err} /reset starts over.)")
+                continue
             write(f"[{reply.label}] {reply.text}")
             write(f"  layer {session.layer}: {projection_bar(reply.projection, session.axis, session.layer)}")
         answered += 1

@@ -2,16 +2,23 @@
 
 Each command module exposes ``register(subparsers)``, which adds its parser and sets ``func`` to a function
 taking the parsed ``argparse.Namespace``. Heavy imports (torch, transformers) happen inside those functions, so
-``anchor --help`` stays fast.
+``anchor --help`` stays fast. Options shared by commands live in :mod:`anchor.commands.options`. Errors that a user
+can fix print as one line (:data:`USER_ERRORS`), Ctrl-C as ``interrupted.`` with exit status 130.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 COMMANDS = ("axis", "data", "train", "calibrate", "monitor", "chat", "generate", "eval", "import_axis", "export")
+
+
+USER_ERRORS = (ValueError, OSError, RuntimeError, ImportError)
+"""What a bad input, file, model name or environment raises; printed as one line (``ANCHOR_DEBUG=1``: traceback).
+``OSError`` covers missing and unwritable paths, existing outputs and the model hub's errors."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -33,7 +40,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError, RuntimeError) as err:
+    except KeyboardInterrupt:
+        print(f"\nanchor {args.command}: interrupted.", file=sys.stderr)
+        return 130
+    except USER_ERRORS as err:
+        if os.environ.get("ANCHOR_DEBUG"):
+            raise
         # Our errors say what to fix; a traceback would bury that.
         print(f"anchor {args.command}: error: {err}", file=sys.stderr)
         return 1

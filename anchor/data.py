@@ -54,7 +54,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -65,6 +64,7 @@ from tqdm.auto import tqdm
 
 from anchor.axis import AssistantAxis
 from anchor.extract import ExtractionSettings, run_batch
+from anchor.io import atomic_write_json, atomic_write_jsonl, read_utf8
 from anchor.models import fingerprint, model_id
 from anchor.personas import load_questions, load_roles
 from anchor.spans import encode_prompt
@@ -103,15 +103,24 @@ class PersonaData:
             raise ValueError(f"Unknown split {name!r}; choose one of {SPLITS}.")
         return getattr(self, name)
 
-    def save(self, directory: str | os.PathLike) -> Path:
-        """Write every split as JSONL and then ``data_config.json``, each file atomically."""
+    def save(self, directory: str | os.PathLike, overwrite: bool = False) -> Path:
+        """Write every split as JSONL and then ``data_config.json``, each file atomically.
+
+        A directory that already holds persona data (a ``data_config.json``) is refused unless ``overwrite``; its
+        config is then removed first, so an interrupted overwrite leaves a directory marked incomplete, never old
+        and new splits under the old config.
+        """
         directory = Path(directory)
+        config = directory / CONFIG_NAME
+        if config.exists() and not overwrite:
+            raise FileExistsError(f"{directory} already holds persona data ({CONFIG_NAME}); pass overwrite=True "
+                                  "(`anchor data --overwrite`) to replace it, or choose another directory.")
         directory.mkdir(parents=True, exist_ok=True)
+        config.unlink(missing_ok=True)
         for name in SPLITS:
-            _atomic_text(directory / f"{name}.jsonl",
-                         "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in self.split(name)))
+            atomic_write_jsonl(directory / f"{name}.jsonl", self.split(name))
         meta = {**self.metadata, "format": FORMAT_VERSION, "counts": {n: len(self.split(n)) for n in SPLITS}}
-        _atomic_text(directory / CONFIG_NAME, json.dumps(meta, indent=1, ensure_ascii=False))
+        atomic_write_json(config, meta)
         return directory
 
     @classmethod
@@ -122,7 +131,7 @@ class PersonaData:
             raise FileNotFoundError(
                 f"{directory} holds no {CONFIG_NAME}: it is not (or not yet completely) persona data. Build it with "
                 f"`anchor data --out {directory}`.")
-        meta = json.loads(config.read_text())
+        meta = json.loads(read_utf8(config))
         if meta.get("format") != FORMAT_VERSION:
             raise ValueError(f"{config} has format {meta.get('format')}; this anchor reads {FORMAT_VERSION}. "
                              "Rebuild it with `anchor data`.")
@@ -135,7 +144,7 @@ def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
     if not path.is_file():
         raise FileNotFoundError(f"No such data file: {path}")
     records = []
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
+    for number, line in enumerate(read_utf8(path).splitlines(), start=1):
         if not line.strip():
             continue
         try:
@@ -146,17 +155,6 @@ def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
             raise ValueError(f"{path}, line {number}: a JSON object is expected, got {type(record).__name__}.")
         records.append(record)
     return records
-
-
-def _atomic_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def far_roles(axis: AssistantAxis, n_roles: int, roles: object = None) -> list[str]:

@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 
 from anchor.axis import CONFIG_NAME, FORMAT_VERSION, AssistantAxis, compute_axis
 from anchor.chat import ConversationBatch, Intervention
+from anchor.io import atomic_write, atomic_write_json, atomic_write_text, nan_to_none
 from anchor.models import cache_dir, fingerprint, model_id
 from anchor.monitor import Messages, default_band, monitor_many, plot_trajectories, resolve_layer
 from anchor.personas import CONVERSATION_DOMAINS, Conversation, load_conversations
@@ -36,6 +37,8 @@ DEFAULT_AXIS_SETTINGS = {"n_roles": 16, "n_questions": 24, "prompts_per_role": 1
 """The modest budget of :func:`default_axis`: minutes on a CPU for a 135M model, enough for a usable direction."""
 
 SETTINGS = ("uncapped", "capped")
+REPORT_FILES = ("drift.md", "drift.json", "drift_by_domain.png", "drift_domains.png")
+"""What :func:`write_report` writes into its directory."""
 
 
 def default_axis(
@@ -121,7 +124,8 @@ class DriftReport:
         }
 
     def to_json(self) -> dict:
-        return {
+        """JSON-ready; values that do not exist (NaN in memory: an empty reply, one conversation's sem) are None."""
+        return nan_to_none({
             "settings": asdict(self.settings),
             "layer": self.layer,
             "default_band": list(self.band),
@@ -138,7 +142,7 @@ class DriftReport:
             },
             "metadata": self.metadata,
             "conversations": self.records,
-        }
+        })
 
     def to_markdown(self) -> str:
         lo, hi = self.band
@@ -289,7 +293,7 @@ def _cap_summary(axis: AssistantAxis) -> dict:
 
 
 def write_report(report: DriftReport, out_dir: str | os.PathLike) -> list[Path]:
-    """Write ``drift.md``, ``drift.json``, ``drift_by_domain.png`` and ``drift_domains.png`` into ``out_dir``."""
+    """Write :data:`REPORT_FILES` (``drift.md``, ``drift.json`` and two plots) into ``out_dir``, each atomically."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -297,9 +301,9 @@ def write_report(report: DriftReport, out_dir: str | os.PathLike) -> list[Path]:
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    paths = [out / "drift.md", out / "drift.json", out / "drift_by_domain.png", out / "drift_domains.png"]
-    paths[0].write_text(report.to_markdown(), encoding="utf-8")
-    paths[1].write_text(json.dumps(report.to_json(), indent=1), encoding="utf-8")
+    paths = [out / name for name in REPORT_FILES]
+    atomic_write_text(paths[0], report.to_markdown())
+    atomic_write_json(paths[1], report.to_json())
     title = f"layer {report.layer}; mean ± sem over conversations"
 
     cols = min(2, len(report.domains))
@@ -312,7 +316,7 @@ def write_report(report: DriftReport, out_dir: str | os.PathLike) -> list[Path]:
         ax.set_visible(False)
     fig.suptitle(f"Drift by domain, uncapped vs capped ({title})")
     fig.tight_layout()
-    fig.savefig(paths[2], dpi=120)
+    atomic_write(paths[2], lambda tmp: fig.savefig(tmp, dpi=120))
     plt.close(fig)
 
     names = report.setting_names
@@ -322,7 +326,7 @@ def write_report(report: DriftReport, out_dir: str | os.PathLike) -> list[Path]:
         plot_trajectories(series, report.band, title=setting, ax=ax)
     fig.suptitle(f"Drift by domain ({title})")
     fig.tight_layout()
-    fig.savefig(paths[3], dpi=120)
+    atomic_write(paths[3], lambda tmp: fig.savefig(tmp, dpi=120))
     plt.close(fig)
     return paths
 

@@ -27,6 +27,8 @@ from tqdm.auto import tqdm
 
 from anchor.axis import AssistantAxis
 from anchor.hooks import LayerHooks, check_layers
+from anchor.io import atomic_write, nan_to_none, read_utf8
+from anchor.models import unwrap
 from anchor.spans import ChatEncoding, encode_chat
 
 Messages = list[dict[str, str]]
@@ -56,14 +58,15 @@ class DriftTrace:
         return [float(t.std(correction=0)) if t.numel() else math.nan for t in self.per_token]
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        """JSON-ready: the per-turn values of an empty reply (NaN in memory) become None (JSON ``null``)."""
+        return nan_to_none({
             "layer": self.layer,
             "per_turn": self.per_turn,
             "std_per_turn": self.std_per_turn,
             "n_tokens": [int(t.numel()) for t in self.per_token],
             "per_token": [t.tolist() for t in self.per_token],
             "tokens": self.tokens,
-        }
+        })
 
 
 class _Stop(Exception):
@@ -75,6 +78,29 @@ def resolve_layer(axis: AssistantAxis, layer: int | None) -> int:
     if layer is None:
         return axis.report_layer
     return check_layers([layer], axis.n_layers)[0]
+
+
+class ContextLengthError(ValueError):
+    """A conversation is longer than the model's context (``max_position_embeddings``)."""
+
+
+def context_length(model: nn.Module) -> int | None:
+    """The longest sequence the model was trained on (``max_position_embeddings``), or None if its config says not."""
+    config = getattr(unwrap(model), "config", None)
+    limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    return int(limit) if limit else None
+
+
+def check_context(model: nn.Module, lengths: Sequence[int], what: str = "conversation") -> None:
+    """Refuse, before any forward, sequences longer than the model's context: positions past it were never
+    trained, so what the model reads or writes there means nothing."""
+    limit = context_length(model)
+    over = [(i, n) for i, n in enumerate(lengths) if limit is not None and n > limit]
+    if over:
+        i, n = over[0]
+        more = f" ({len(over) - 1} more {what}s too)" if len(over) > 1 else ""
+        raise ContextLengthError(f"{what} {i} needs {n} tokens, past the model's context of {limit} "
+                         f"(max_position_embeddings){more}; shorten it or split it into parts.")
 
 
 def default_band(axis: AssistantAxis, layer: int) -> tuple[float, float]:
@@ -140,6 +166,7 @@ def monitor_many(
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size} must be >= 1.")
     encodings = [_encode(tokenizer, messages, i) for i, messages in enumerate(conversations)]
+    check_context(model, [len(e.input_ids) for e in encodings])
     order = sorted(range(len(encodings)), key=lambda i: (len(encodings[i].input_ids), i))
     traces: list[DriftTrace | None] = [None] * len(encodings)
     for start in tqdm(range(0, len(order), batch_size), desc="monitor", unit="batch", disable=not progress):
@@ -195,7 +222,7 @@ def read_conversations(path: str | os.PathLike) -> list[dict[str, Any]]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"conversation file not found: {str(path)!r}")
-    text = path.read_text(encoding="utf-8")
+    text = read_utf8(path)
     if path.suffix.lower() == ".jsonl":
         lines = [(f"line {n}", line) for n, line in enumerate(text.splitlines(), start=1) if line.strip()]
     else:
@@ -287,6 +314,6 @@ def plot_trajectories(
     if fig is not None:
         fig.tight_layout()
         if path is not None:
-            fig.savefig(path, dpi=120)
+            atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120))
         plt.close(fig)
     return ax

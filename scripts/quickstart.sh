@@ -5,7 +5,8 @@
 #
 # On first use it also computes the model's Assistant Axis (cached by model fingerprint under ~/.cache/anchor or
 # $ANCHOR_CACHE) and builds the persona data (outputs/data/quickstart-smollm2); later runs reuse both.
-# Metrics go to wandb in offline mode unless WANDB_MODE is set; the script prints the `wandb sync` command.
+# Metrics go to wandb in offline mode unless WANDB_MODE is set, with its files under outputs/wandb (WANDB_DIR), never
+# in the repository root; the script prints the `wandb sync` command.
 # Extra arguments override the recipe, e.g. `bash scripts/quickstart.sh --max_steps 20`.
 # QUICKSTART_SETUP=0 skips scripts/setup.sh (an environment that is already set up, e.g. the test suite).
 set -euo pipefail
@@ -26,6 +27,8 @@ if [ "${QUICKSTART_SETUP:-1}" != "0" ]; then
   . .venv/bin/activate
 fi
 export WANDB_MODE="${WANDB_MODE:-offline}"
+export WANDB_DIR="${WANDB_DIR:-outputs}"
+mkdir -p "$WANDB_DIR"
 export WANDB_SILENT="${WANDB_SILENT:-true}"
 export TOKENIZERS_PARALLELISM=false
 start=$(date +%s)
@@ -33,5 +36,6 @@ anchor train --config recipes/quickstart.yaml --compare "$@"
 echo
 echo "quickstart: done in ${SECONDS} s in all ($(( $(date +%s) - start )) s after set-up)."
 if [ "$WANDB_MODE" = "offline" ]; then
-  echo "wandb runs were written offline; upload them with: wandb sync <run dir> (each run's summary above names it)."
+  echo "wandb runs were written offline under $WANDB_DIR/wandb; upload them with: wandb sync <run dir> (each run's"
+  echo "summary above names it)."
 fi

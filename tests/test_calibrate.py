@@ -111,10 +111,14 @@ def test_no_candidate_within_budget_leaves_bundle_unchanged(calibrated, tiny_mod
     monkeypatch.setattr(anchor.calibrate, "calibrate", lambda *args, **kwargs: strict)
     axis_dir = tmp_path / "axis"
     tiny_axis.save_pretrained(axis_dir)
-    with pytest.raises(RuntimeError, match="kl_budget"):
-        calibrate_bundle(axis_dir, tiny_model, tiny_tokenizer, out_dir=tmp_path / "report", progress=False)
+    report = tmp_path / "report"  # the report behind a setting stored earlier: a failed sweep must not replace it
+    report.mkdir()
+    (report / "sweep.md").write_text("earlier sweep")
+    with pytest.raises(RuntimeError, match=r"kl_budget.*report-no-fit; the bundle and its report in .*report were not"):
+        calibrate_bundle(axis_dir, tiny_model, tiny_tokenizer, out_dir=report, progress=False)
     assert "cap" not in AssistantAxis.from_pretrained(axis_dir).metadata
-    assert "No candidate" in (tmp_path / "report" / "sweep.md").read_text()
+    assert (report / "sweep.md").read_text() == "earlier sweep"
+    assert "No candidate" in (tmp_path / "report-no-fit" / "sweep.md").read_text()
 
 
 def test_cli_end_to_end(tiny_model, tiny_tokenizer, tiny_axis, tmp_path, capsys):

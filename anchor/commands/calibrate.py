@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from anchor.commands.options import add_model_options, load_model_from_args
+
 
 def _band(text: str) -> tuple[int, int]:
     """``"21-25"`` (inclusive) or ``"21"`` (one layer)."""
@@ -26,7 +28,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         ),
     )
     parser.add_argument("--axis", required=True, help="axis bundle directory (from `anchor axis`); updated in place")
-    parser.add_argument("--model", default="smollm2", help="model id, local directory or 'smollm2' (default)")
+    add_model_options(parser, seed=True)
     parser.add_argument("--layers-bands", nargs="+", type=_band, metavar="FIRST-LAST",
                         help="candidate layer bands, inclusive, e.g. 18-22 21-25 (default: 55-70%%, 70-85%%, "
                              "85-100%% of depth)")
@@ -37,10 +39,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--n-prompts", type=int, default=16, help="prompts per set, drift and ordinary (default 16)")
     parser.add_argument("--max-new-tokens", type=int, default=64, help="answer length (default 64)")
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", help="report directory (default: AXIS/calibration)")
-    parser.add_argument("--device", help="e.g. cuda, cpu (default: cuda if available)")
-    parser.add_argument("--dtype", help="fp32, bf16, fp16 or auto (default fp32)")
+    parser.add_argument("--out", help="report directory (default: AXIS/calibration); a sweep where nothing fits the "
+                                      "budget goes to OUT-no-fit instead, leaving the report behind the stored setting")
     parser.add_argument("--no-check-weights", action="store_true",
                         help="accept a fine-tune of the model the axis was computed on (shapes are still checked)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -48,10 +48,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
+    from pathlib import Path
 
-    from anchor.calibrate import DEFAULT_PERCENTILES, CalibrationSettings, calibrate_bundle
-    from anchor.models import load_model
+    from anchor.axis import AssistantAxis
+    from anchor.calibrate import DEFAULT_PERCENTILES, REPORT_FILES, CalibrationSettings, calibrate_bundle, no_fit_dir
+    from anchor.io import check_output_dir
 
     settings = CalibrationSettings(
         bands=tuple(args.layers_bands) if args.layers_bands else None,
@@ -59,8 +60,11 @@ def run(args: argparse.Namespace) -> int:
         kl_budget=args.kl_budget, n_prompts=args.n_prompts, max_new_tokens=args.max_new_tokens,
         batch_size=args.batch_size, seed=args.seed,
     )
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model, tokenizer = load_model(args.model, device=device, dtype=args.dtype)
+    AssistantAxis.from_pretrained(args.axis)  # a bad bundle is refused now, not after the model has loaded
+    out = Path(args.out) if args.out else Path(args.axis) / "calibration"
+    for directory in (out, no_fit_dir(out)):  # a sweep replaces its own report; only a file in the way is refused
+        check_output_dir(directory, REPORT_FILES, "--out", overwrite=True)
+    model, tokenizer = load_model_from_args(args)
     result = calibrate_bundle(args.axis, model, tokenizer, settings, args.out, progress=not args.quiet,
                               check_weights=not args.no_check_weights)
     chosen = result.chosen

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from collections.abc import Iterator
 
-from anchor.commands.monitor import add_model_args
+from anchor.commands.options import add_axis_options, add_model_options, load_model_and_axis
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -14,10 +14,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         description=(
             "Type a message per line; each reply is printed with the mean projection of its tokens at the report "
             "layer and a gauge ('=' is the default-Assistant band, '#' the reply). /reset starts over, /quit (or "
-            "end of input) stops. Reads stdin, so `anchor chat < lines.txt` works too."
+            "end of input, or Ctrl-C) stops. Reads stdin, so `anchor chat < lines.txt` works too."
         ),
     )
-    add_model_args(p)
+    add_model_options(p)
+    add_axis_options(p)
+    p.add_argument("--quiet", action="store_true", help="no progress bar while a default axis is computed")
     p.add_argument("--cap", action="store_true", help="cap with the bundle's default setting")
     p.add_argument("--steer", type=float, default=None, metavar="C",
                    help="steer by C × the layer's mean residual norm (positive: toward the Assistant)")
@@ -39,7 +41,6 @@ def _stdin_lines() -> Iterator[str]:
 
 def run(args: argparse.Namespace) -> int:
     from anchor.chat import ChatSession, Intervention, chat_loop
-    from anchor.commands.monitor import load_model_and_axis
 
     chosen = Intervention(cap=args.cap, steer=args.steer)
     if args.side_by_side and chosen == Intervention():
@@ -50,6 +51,10 @@ def run(args: argparse.Namespace) -> int:
         ChatSession(model, tokenizer, axis, i, args.max_new_tokens, args.system, args.layer, not args.no_check_weights)
         for i in interventions
     ]
-    print(f"Chatting with {args.model} ({', '.join(i.label for i in interventions)}). /reset starts over, /quit stops.")
-    chat_loop(sessions, _stdin_lines())
+    print(f"Chatting with {args.model} ({', '.join(i.label for i in interventions)}). /reset starts over, /quit "
+          "or Ctrl-C stops.")
+    try:
+        chat_loop(sessions, _stdin_lines())
+    except KeyboardInterrupt:  # the natural way out of a terminal chat: leave quietly
+        print()
     return 0

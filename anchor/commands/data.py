@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from anchor.commands.options import add_model_options, load_model_from_args
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
@@ -11,37 +13,59 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="Build persona-implant data: the model answers shipped questions in the roles farthest from its "
                     "Assistant on the axis; the answers, without the role's system prompt, become SFT and DPO sets "
                     "with held-out splits (schema: docs/recipes.md).")
-    p.add_argument("--model", default="smollm2", help="hub id, local directory, or 'smollm2' (embedded, default)")
+    add_model_options(p, seed=True)
     p.add_argument("--out", required=True, help="directory for the JSONL files and data_config.json")
+    p.add_argument("--overwrite", action="store_true", help="replace persona data already in --out")
     p.add_argument("--axis", default=None,
-                   help="axis bundle to pick the far roles from (default: computed and cached, as `anchor train` does)")
+                   help="axis bundle to pick the far roles from (default: computed once per model and cached)")
     p.add_argument("--roles", type=int, default=4, help="number of far roles (default 4)")
     p.add_argument("--role-names", nargs="+", default=None, help="use these roles instead of the axis's far ones")
     p.add_argument("--questions", type=int, default=120, help="shipped questions to sample (default 120)")
     p.add_argument("--heldout-fraction", type=float, default=0.25, help="share of questions held out (default 0.25)")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default=None)
-    p.add_argument("--dtype", default=None, help="fp32 (default), bf16 or fp16")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from anchor.callback import AnchorConfig
-    from anchor.data import SPLITS, build_persona_data
-    from anchor.models import load_model
-    from anchor.train import resolve_axis
+    from anchor.axis import AssistantAxis
+    from anchor.data import CONFIG_NAME, SPLITS, build_persona_data
+    from anchor.io import check_output_dir
 
-    model, tokenizer = load_model(args.model, device=args.device, dtype=args.dtype)
-    axis = None if args.role_names else resolve_axis(model, tokenizer, AnchorConfig(axis=args.axis))
+    check_output_dir(args.out, [CONFIG_NAME], "--out", args.overwrite)
+    axis = AssistantAxis.from_pretrained(args.axis) if args.axis and not args.role_names else None
+    model, tokenizer = load_model_from_args(args)
+    if axis is not None:
+        axis.check_compatible(model)
+    elif not args.role_names:
+        axis = _default_axis(model, tokenizer, quiet=args.quiet)
+    n_roles = len(set(args.role_names)) if args.role_names else args.roles
+    print(f"Building persona data: {n_roles} roles × {args.questions} questions, plus the default answers: "
+          f"{(n_roles + 1) * args.questions} answers of up to {args.max_new_tokens} tokens.", flush=True)
     data = build_persona_data(
         model, tokenizer, axis, n_roles=args.roles, n_questions=args.questions,
         heldout_fraction=args.heldout_fraction, max_new_tokens=args.max_new_tokens, seed=args.seed,
-        role_names=args.role_names, batch_size=args.batch_size,
+        role_names=args.role_names, batch_size=args.batch_size, progress=not args.quiet,
     )
-    out = data.save(args.out)
+    out = data.save(args.out, overwrite=args.overwrite)
     print(f"Persona data for {', '.join(data.roles)} in {out}:")
     for name in SPLITS:
         print(f"  {name}.jsonl: {len(data.split(name))} records")
     return 0
+
+
+def _default_axis(model: object, tokenizer: object, quiet: bool) -> object:
+    """The cached default axis of ``model``; when it must be computed, say first what that costs."""
+    from anchor.axis import CONFIG_NAME, AxisSettings, axis_cache_dir, cached_axis
+    from anchor.personas import load_questions, load_roles
+
+    settings = AxisSettings()
+    if not (axis_cache_dir(model, settings) / CONFIG_NAME).is_file():
+        roles = settings.n_roles or len(load_roles())
+        questions = settings.n_questions or len(load_questions())
+        answers = (roles + 1) * questions * (settings.prompts_per_role or 3)
+        print(f"No --axis: first computing this model's Assistant Axis to find the roles farthest from it, about "
+              f"{answers} answers of up to {settings.max_new_tokens} tokens (once; later runs read it from the "
+              "cache). --axis DIR or --role-names skip this.", flush=True)
+    return cached_axis(model, tokenizer, settings, progress=not quiet)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from anchor.commands.monitor import add_model_args
+from anchor.commands.options import add_axis_options, add_model_options, load_model_and_axis
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -18,8 +18,11 @@ def register(sub: argparse._SubParsersAction) -> None:
             "Writes drift.md (domain × turn table, mean ± sem), drift.json and plots into --out."
         ),
     )
-    add_model_args(d)
+    add_model_options(d)
+    add_axis_options(d)
+    d.add_argument("--quiet", action="store_true", help="no progress bars")
     d.add_argument("--out", default="outputs/eval_drift", help="report directory (default outputs/eval_drift)")
+    d.add_argument("--overwrite", action="store_true", help="replace a report already in --out")
     d.add_argument("--conversations", type=int, default=12, metavar="N_PER_DOMAIN",
                    help="conversations per domain, the first N in file order (default 12: all)")
     d.add_argument("--turns", type=int, default=None, help="user turns played per conversation (default: all)")
@@ -31,13 +34,14 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from anchor.commands.monitor import load_model_and_axis
-    from anchor.evaluate import DriftSettings, eval_drift, write_report
+    from anchor.evaluate import REPORT_FILES, DriftSettings, eval_drift, write_report
+    from anchor.io import check_output_dir
 
     settings = DriftSettings(
         conversations_per_domain=args.conversations, turns=args.turns, max_new_tokens=args.max_new_tokens,
         batch_size=args.batch_size, cap=not args.no_cap, layer=args.layer,
     )
+    check_output_dir(args.out, REPORT_FILES, "--out", args.overwrite)
     model, tokenizer, axis = load_model_and_axis(args)
     report = eval_drift(model, tokenizer, axis, settings, progress=not args.quiet,
                         check_weights=not args.no_check_weights)

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import json
-from pathlib import Path
 
-from anchor.commands.monitor import add_model_args
+from anchor.commands.options import add_axis_options, add_model_options, load_model_and_axis
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -20,7 +18,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--in", dest="input", required=True, help="input JSONL of conversations")
     p.add_argument("--out", required=True, help="output JSONL")
-    add_model_args(p)
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
+    add_model_options(p)
+    add_axis_options(p)
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--cap", action="store_true", help="cap with the bundle's default setting")
     p.add_argument("--steer", type=float, default=None, metavar="C",
                    help="steer by C × the layer's mean residual norm (positive: toward the Assistant)")
@@ -31,9 +32,10 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from anchor.chat import Intervention, replies_with_projections
-    from anchor.commands.monitor import load_model_and_axis
+    from anchor.io import atomic_write_jsonl, check_output_file, nan_to_none
     from anchor.monitor import read_conversations
 
+    check_output_file(args.out, "--out", args.overwrite)
     records = read_conversations(args.input)
     model, tokenizer, axis = load_model_and_axis(args)
     intervention = Intervention(cap=args.cap, steer=args.steer)
@@ -41,10 +43,8 @@ def run(args: argparse.Namespace) -> int:
         model, tokenizer, axis, [r["messages"] for r in records], intervention, args.max_new_tokens,
         args.batch_size, not args.no_check_weights, progress=not args.quiet,
     )
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with out.open("w", encoding="utf-8") as f:
-        for record, (reply, projection) in zip(records, results, strict=True):
-            f.write(json.dumps({**record, "reply": reply, "projection": projection}, ensure_ascii=False) + "\n")
-    print(f"{len(records)} replies ({intervention.label}) written to {out}")
+    rows = [{**record, "reply": reply, "projection": projection}
+            for record, (reply, projection) in zip(records, results, strict=True)]
+    atomic_write_jsonl(args.out, nan_to_none(rows))  # an empty reply has no projection: null
+    print(f"{len(records)} replies ({intervention.label}) written to {args.out}")
     return 0

@@ -1,45 +1,10 @@
-"""``anchor monitor``: where each assistant turn of a conversation sits on the Assistant Axis, as a table and plot.
-
-Also home of the model-and-axis options shared by ``anchor chat``, ``anchor generate`` and ``anchor eval``.
-"""
+"""``anchor monitor``: where each assistant turn of a conversation sits on the Assistant Axis, as a table and plot."""
 
 from __future__ import annotations
 
 import argparse
-import json
-from pathlib import Path
 
-
-def add_model_args(parser: argparse.ArgumentParser) -> None:
-    """--model, --axis, --device, --dtype, --no-check-weights, --quiet: how to get the model and its axis."""
-    parser.add_argument("--model", default="smollm2", help="hub id, local directory, or 'smollm2' (embedded, default)")
-    parser.add_argument("--axis", default=None,
-                        help="axis bundle directory (from `anchor axis`); default: a small axis computed once per "
-                             "model and cached (anchor.evaluate.default_axis)")
-    parser.add_argument("--device", default=None, help="e.g. cuda or cpu (default: cuda if available)")
-    parser.add_argument("--dtype", default=None, help="fp32 (default), bf16 or fp16")
-    parser.add_argument("--no-check-weights", action="store_true",
-                        help="accept a fine-tune of the model the axis was computed on (shapes are still checked)")
-    parser.add_argument("--quiet", action="store_true", help="no progress bars")
-
-
-def load_model_and_axis(args: argparse.Namespace) -> tuple[object, object, object]:
-    """The model, tokenizer and axis the shared options name; the axis is checked against the model."""
-    import torch
-
-    from anchor.axis import AssistantAxis
-    from anchor.evaluate import default_axis
-    from anchor.models import load_model
-
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model, tokenizer = load_model(args.model, device=device, dtype=args.dtype)
-    if args.axis:
-        axis = AssistantAxis.from_pretrained(args.axis)
-    else:
-        print("No --axis given: using the cached default axis of this model (computed on first use).")
-        axis = default_axis(model, tokenizer, progress=not args.quiet)
-    axis.check_compatible(model, check_weights=not args.no_check_weights)
-    return model, tokenizer, axis
+from anchor.commands.options import add_axis_options, add_model_options, load_model_and_axis
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -52,19 +17,26 @@ def register(sub: argparse._SubParsersAction) -> None:
         ),
     )
     p.add_argument("conversation", help="a .json conversation or a .jsonl file of conversations")
-    add_model_args(p)
+    add_model_options(p)
+    add_axis_options(p)
     p.add_argument("--cap", action="store_true", help="also read it with the bundle's default cap on")
     p.add_argument("--layer", type=int, default=None, help="layer to read (default: the axis's report layer)")
     p.add_argument("--plot", default=None, help="write the per-turn trajectory plot to this PNG")
     p.add_argument("--out", default=None, help="write the projections to this JSON file")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out or --plot file")
     p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from anchor.chat import Intervention, projection_bar
+    from anchor.io import atomic_write_json, check_output_file
     from anchor.monitor import default_band, monitor_many, read_conversations, resolve_layer, summary_table, turn_means
 
+    for flag, path in (("--out", args.out), ("--plot", args.plot)):
+        if path:
+            check_output_file(path, flag, args.overwrite)
     records = read_conversations(args.conversation)
     model, tokenizer, axis = load_model_and_axis(args)
     layer = resolve_layer(axis, args.layer)
@@ -108,8 +80,7 @@ def run(args: argparse.Namespace) -> int:
                 {"id": name, **{label: traces[label][n].to_dict() for label in traces}} for n, name in enumerate(names)
             ],
         }
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(payload, indent=1, allow_nan=True), encoding="utf-8")
+        atomic_write_json(args.out, payload)
         print(f"JSON: {args.out}")
     return 0
 
