@@ -381,6 +381,8 @@ def test_a_local_model_path_that_does_not_exist(saved, capsys):
     err = _refused(["monitor", str(saved["conv"]), "--model", "./outputs/no/such-model", "--axis", str(saved["axis"])],
                    capsys)
     assert "--model ./outputs/no/such-model: no such directory" in err and "hub id" in err
+    err = _refused(["monitor", str(saved["conv"]), "--model", str(saved["conv"]), "--axis", str(saved["axis"])], capsys)
+    assert "is a file; give the model's directory (the one with config.json) or a .gguf file" in err
 
 
 def test_a_hub_id_without_network_fails_at_once_from_the_local_cache(saved, capsys, monkeypatch):
@@ -455,6 +457,19 @@ def test_ctrl_c_leaves_chat_quietly_and_other_commands_in_one_line(saved, monkey
     assert capsys.readouterr().err.strip() == "anchor monitor: interrupted."
 
 
+def test_layers_path_reaches_load_model_and_the_error_names_the_option(saved, capsys, monkeypatch):
+    seen = {}
+
+    def unknown_architecture(name, device=None, dtype=None, layers_path=None):
+        seen["layers_path"] = layers_path
+        raise ValueError("Cannot find the decoder layers of model_type='odd'; pass layers_path='<dotted path>'.")
+
+    monkeypatch.setattr("anchor.models.load_model", unknown_architecture)
+    err = _refused(["monitor", str(saved["conv"]), *saved["args"], "--layers-path", "backbone.blocks"], capsys)
+    assert seen == {"layers_path": "backbone.blocks"}
+    assert err.endswith("On the command line: --layers-path DOTTED.PATH.")
+
+
 def test_shared_options_default_to_the_embedded_model():
     from anchor.cli import build_parser
     from anchor.commands.options import DEFAULT_MODEL
@@ -465,7 +480,7 @@ def test_shared_options_default_to_the_embedded_model():
     for argv in (["data", "--out", "x"], ["calibrate", "--axis", "x"], ["monitor", "c.json"], ["chat"],
                  ["generate", "--in", "i", "--out", "o"], ["eval", "drift"]):
         args = parser.parse_args(argv)
-        assert (args.model, args.device, args.dtype) == (EMBEDDED, None, None), argv
+        assert (args.model, args.device, args.dtype, args.layers_path) == (EMBEDDED, None, None, None), argv
 
 
 # ----------------------------------------------------------------------------------------------------------------

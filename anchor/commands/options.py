@@ -21,11 +21,16 @@ HUB_TIMEOUT_S = 3.0
 
 
 def add_model_options(parser: argparse.ArgumentParser, seed: bool = False) -> None:
-    """``--model``, ``--device``, ``--dtype`` (and ``--seed`` when ``seed``): which model to load, and how."""
+    """``--model``, ``--device``, ``--dtype``, ``--layers-path`` (and ``--seed`` when ``seed``): which model to load,
+    and how."""
     parser.add_argument("--model", default=DEFAULT_MODEL,
-                        help="hub id, local directory, or 'smollm2' (the embedded SmolLM2-135M-Instruct, default)")
+                        help="hub id, local directory, .gguf file, or 'smollm2' (the embedded SmolLM2-135M-Instruct, "
+                             "default)")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:N or mps (default: cuda if available)")
     parser.add_argument("--dtype", default=None, help="fp32 (default), bf16, fp16 or auto")
+    parser.add_argument("--layers-path", default=None, metavar="DOTTED.PATH",
+                        help="where the decoder layers are, for an architecture anchor does not know, e.g. "
+                             "model.layers (recorded in the model's config)")
     if seed:
         parser.add_argument("--seed", type=int, default=0, help="random seed of the sampled prompts (default 0)")
 
@@ -69,7 +74,8 @@ def looks_local(name: str) -> bool:
 
 
 def check_model_source(name: str) -> None:
-    """Refuse a model name that cannot load, before loading: a local path that does not exist, or a file.
+    """Refuse a model name that cannot load, before loading: a local path that does not exist, or a file that is
+    not a ``.gguf``.
 
     For a hub id, check that the hub answers within :data:`HUB_TIMEOUT_S`; when it does not, switch the hub
     client to offline mode (the local cache only) and say so, instead of retrying for about a minute.
@@ -77,8 +83,13 @@ def check_model_source(name: str) -> None:
     path = Path(name).expanduser()
     if name == DEFAULT_MODEL or path.is_dir():
         return
-    if path.exists():
-        raise NotADirectoryError(f"--model {name} is a file; give the model's directory (the one with config.json).")
+    if path.is_file():
+        from anchor.models import gguf_file
+
+        if gguf_file(path) is None:
+            raise NotADirectoryError(f"--model {name} is a file; give the model's directory (the one with "
+                                     "config.json) or a .gguf file.")
+        return
     if looks_local(name):
         raise FileNotFoundError(f"--model {name}: no such directory. Give a model directory, a hub id such as "
                                 f"HuggingFaceTB/SmolLM2-135M-Instruct, or '{DEFAULT_MODEL}' (the embedded model).")
@@ -119,10 +130,16 @@ def load_model_from_args(args: argparse.Namespace) -> tuple[object, object]:
 
     device = check_device(args.device)
     check_model_source(args.model)
+    source = Path(args.model).expanduser()
     try:
-        return load_model(args.model, device=device, dtype=args.dtype)
+        return load_model(str(source) if source.exists() else args.model, device=device, dtype=args.dtype,
+                          layers_path=args.layers_path)
+    except ValueError as err:
+        if "layers_path" in str(err):  # an architecture anchor does not know: say the command-line spelling too
+            raise ValueError(f"{err} On the command line: --layers-path DOTTED.PATH.") from None
+        raise
     except OSError as err:
-        if looks_local(args.model) or Path(args.model).expanduser().is_dir():
+        if looks_local(args.model) or source.exists():
             raise OSError(f"--model {args.model}: not a model directory transformers can load "
                           f"({str(err).splitlines()[0]})") from None
         if hub_offline():
