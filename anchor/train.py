@@ -3,7 +3,8 @@
 A recipe is parsed by ``trl.TrlParser`` over four dataclasses, so every field of each can be set in the YAML or
 overridden on the command line (``--field value``):
 
-* :class:`ScriptArguments` (here): the trainer kind (``sft``/``dpo``), the data, whether the anchor is attached,
+* :class:`RecipeArguments` (here; TRL has its own ``ScriptArguments``, hence the name): the trainer kind
+  (``sft``/``dpo``), the data, whether the anchor is attached,
   the held-out evaluation and ``compare``;
 * ``trl.SFTConfig`` or ``trl.DPOConfig`` (picked by ``trainer`` before the real parse, because the parser needs a
   fixed tuple of dataclasses): everything the trainer does, output_dir and report_to included;
@@ -32,15 +33,12 @@ bundle, plot (``probe_drift.png``) and wandb run are.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
-import hashlib
 import json
 import logging
-import math
 import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -49,13 +47,22 @@ import torch
 from torch import nn
 
 from anchor.axis import CONFIG_NAME as AXIS_CONFIG
-from anchor.axis import AssistantAxis, compute_axis
+from anchor.axis import AssistantAxis, cached_axis
 from anchor.callback import AnchorCallback, AnchorConfig
 from anchor.data import PersonaData, build_persona_data, read_jsonl
-from anchor.loss import Reference, find_peft
-from anchor.models import EMBEDDED, cache_dir, fingerprint, load_model
-from anchor.probes import answer_projections, generate_answers, role_likeness
-from anchor.spans import encode_prompt
+from anchor.io import atomic_write_json, atomic_write_text, nan_to_none
+from anchor.models import EMBEDDED, fingerprint, load_model
+from anchor.reference import Reference, find_peft
+from anchor.report import (
+    RunSummary,
+    comparison_table,
+    default_persona_drift,
+    drift_shares,
+    last_probe_drift,
+    plot_probe_drift,
+    shares_sentence,
+)
+from anchor.tracking import configure_wandb
 
 logger = logging.getLogger(__name__)
 
@@ -67,7 +74,7 @@ TWIN_SUFFIX = "-unanchored"
 
 
 @dataclass
-class ScriptArguments:
+class RecipeArguments:
     """What a recipe says besides the trainer, model and anchor configs."""
 
     trainer: str = field(default="sft", metadata={"help": "sft or dpo (picks SFTConfig or DPOConfig)."})
@@ -132,21 +139,27 @@ def trainer_kind(argv: Sequence[str]) -> str:
         path = Path(known.config)
         if not path.is_file():
             raise FileNotFoundError(f"No such recipe: {path}. Recipes live in recipes/*.yaml.")
-        recipe = yaml.safe_load(path.read_text()) or {}
+        try:
+            recipe = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as err:
+            where = getattr(err, "problem_mark", None)
+            line = f" at line {where.line + 1}, column {where.column + 1}" if where is not None else ""
+            raise ValueError(f"{path} is not valid YAML{line}: {getattr(err, 'problem', err)}. Fix the recipe "
+                             "(recipes/*.yaml show the format).") from None
         if not isinstance(recipe, dict):
             raise ValueError(f"{path} must hold a YAML mapping of field: value.")
         return str(recipe.get("trainer", "sft"))
     return "sft"
 
 
-def parse_args(argv: Sequence[str] | None = None) -> tuple[ScriptArguments, Any, Any, AnchorConfig]:
+def parse_args(argv: Sequence[str] | None = None) -> tuple[RecipeArguments, Any, Any, AnchorConfig]:
     """``(script_args, trainer_config, model_config, anchor_config)`` from a ``--config`` recipe and overrides."""
     import sys
 
     from trl import ModelConfig, TrlParser
 
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = TrlParser((ScriptArguments, trainer_config_class(trainer_kind(argv)), ModelConfig, AnchorConfig))
+    parser = TrlParser((RecipeArguments, trainer_config_class(trainer_kind(argv)), ModelConfig, AnchorConfig))
     return tuple(parser.parse_args_and_config(args=argv))
 
 
@@ -161,19 +174,10 @@ def _state() -> Any:
     return PartialState()
 
 
-def axis_cache_dir(model: nn.Module, config: AnchorConfig) -> Path:
-    """Where the axis computed with ``config``'s ``axis_*`` settings for this model is cached."""
-    settings = {"n_roles": config.axis_n_roles, "n_questions": config.axis_n_questions,
-                "prompts_per_role": config.axis_prompts_per_role, "max_new_tokens": config.axis_max_new_tokens}
-    digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
-    return cache_dir() / "axes" / f"{fingerprint(model)}-{digest}"
-
-
 def resolve_axis(model: nn.Module, tokenizer: object, config: AnchorConfig, progress: bool = True) -> AssistantAxis:
-    """``config.axis``, or the axis computed with ``config``'s ``axis_*`` settings, cached by model fingerprint.
-
-    The main process computes it first and caches it; the other processes then read the cache, so all anchor to
-    the same numbers. Interrupted extractions resume from their shards.
+    """``config.axis``, or the model's axis from the one cache (:func:`anchor.axis.cached_axis`, computed with
+    ``config``'s ``axis_*`` settings). The main process computes it first; the others then read the cache, so all
+    anchor to the same numbers. Interrupted extractions resume from their shards.
     """
     if config.axis:
         if not (Path(config.axis) / AXIS_CONFIG).is_file():
@@ -181,20 +185,10 @@ def resolve_axis(model: nn.Module, tokenizer: object, config: AnchorConfig, prog
                                     f"{config.axis}`, or leave axis unset to compute it on the fly.")
         axis = AssistantAxis.from_pretrained(config.axis)
     else:
-        directory = axis_cache_dir(model, config)
         state = _state()
         with state.main_process_first():
-            if (directory / AXIS_CONFIG).is_file():
-                axis = AssistantAxis.from_pretrained(directory)
-            else:
-                logger.info("anchor: computing the Assistant Axis once for this model; it is cached in %s", directory)
-                axis = compute_axis(
-                    model, tokenizer, n_roles=config.axis_n_roles, n_questions=config.axis_n_questions,
-                    prompts_per_role=config.axis_prompts_per_role, max_new_tokens=config.axis_max_new_tokens,
-                    batch_size=config.axis_batch_size, out_dir=directory / "extraction",
-                    progress=progress and state.is_main_process,
-                )
-                axis.save_pretrained(directory)
+            axis = cached_axis(model, tokenizer, config.axis_settings(), config.axis_batch_size,
+                               progress=progress and state.is_main_process)
     axis.check_compatible(model, check_weights=config.axis_check_weights)
     return axis
 
@@ -203,13 +197,13 @@ def _is_data_dir(path: str) -> bool:
     return Path(path).suffix.lower() not in (".jsonl", ".json")
 
 
-def _data_settings(args: ScriptArguments) -> dict[str, Any]:
+def _data_settings(args: RecipeArguments) -> dict[str, Any]:
     return {"n_roles": args.persona_roles, "n_questions": args.persona_questions,
             "heldout_fraction": args.persona_heldout_fraction, "max_new_tokens": args.persona_max_new_tokens,
             "seed": args.persona_seed, "role_names": list(args.persona_role_names) if args.persona_role_names else None}
 
 
-def prepare_persona_data(args: ScriptArguments, model: nn.Module, tokenizer: object,
+def prepare_persona_data(args: RecipeArguments, model: nn.Module, tokenizer: object,
                          axis: AssistantAxis | None) -> PersonaData:
     """The persona data in ``args.dataset``: read it, or (main process first) build it there from the model."""
     directory = Path(args.dataset)
@@ -274,7 +268,7 @@ def _records_to_rows(records: list[dict[str, Any]], kind: str, source: str, keep
     return rows
 
 
-def load_datasets(args: ScriptArguments, training_args: Any, persona: PersonaData | None) -> tuple[Any, Any]:
+def load_datasets(args: RecipeArguments, training_args: Any, persona: PersonaData | None) -> tuple[Any, Any]:
     """(train, eval) ``datasets.Dataset`` for the trainer kind; eval is None when there is no held-out data."""
     from datasets import Dataset
 
@@ -295,177 +289,8 @@ def load_datasets(args: ScriptArguments, training_args: Any, persona: PersonaDat
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Measuring the default persona after training
-# ---------------------------------------------------------------------------------------------------------------
-
-
-def report_layers(n_layers: int) -> list[int]:
-    """A quarter, half and three quarters deep, and the last layer."""
-    return sorted({n_layers // 4, n_layers // 2, (3 * n_layers) // 4, n_layers - 1})
-
-
-def _persona_measures(writer: Any, reference: Reference, tokenizer: object, axis: AssistantAxis,
-                      questions: Sequence[str], role_prompts: Sequence[str], layers: list[int], max_new_tokens: int,
-                      batch_size: int) -> dict[str, Any]:
-    """``writer()`` yields the model that answers and reads its own answers; ``reference`` scores role-likeness."""
-    prompts = [encode_prompt(tokenizer, [{"role": "user", "content": q}]) for q in questions]
-    with writer() as model:
-        answers = generate_answers(model, tokenizer, prompts, max_new_tokens, batch_size)
-        proj = answer_projections(model, prompts, answers, axis, layers=layers, batch_size=batch_size,
-                                  pad_id=tokenizer.pad_token_id).nanmean(dim=0)
-    position = []
-    for j, layer in enumerate(layers):
-        default = axis.default_projection(layer)
-        gap = default - float(axis.role_projections(layer).mean())
-        position.append((float(proj[j]) - default) / gap)
-    score = None
-    if role_prompts:
-        with reference.active() as judge:
-            score = float(role_likeness(judge, tokenizer, questions, answers, role_prompts, batch_size).nanmean())
-    return {"position": position, "role_likeness": score,
-            "answer_tokens": sum(len(a) for a in answers) / max(1, len(answers)),
-            "example": tokenizer.decode(answers[0], skip_special_tokens=True) if answers else ""}
-
-
-def default_persona_drift(
-    model: nn.Module,
-    reference: Reference,
-    tokenizer: object,
-    axis: AssistantAxis,
-    questions: Sequence[str],
-    role_prompts: Sequence[str],
-    layers: Sequence[int] | None = None,
-    max_new_tokens: int = 64,
-    batch_size: int = 16,
-) -> dict[str, Any]:
-    """How Assistant-like the base (``reference``) and the tuned ``model`` answer questions with the default prompt.
-
-    Both models answer every question greedily, with no system message. For each:
-
-    * ``position[i]``: the mean projection of its answers at layer ``layers[i]``, read by the model that wrote them,
-      relative to the axis's default mean, in units of the default-to-role gap: 0 is the Assistant, -1 the average
-      role.
-    * ``role_likeness``: the frozen base model's per-token NLL(answer | default prompt) − NLL(answer | role prompt),
-      averaged over ``role_prompts`` and answers; it rises as answers read more like the roles'.
-
-    Neither is what the anchor trains on (every reported layer, the model's own answers to unseen questions, and a
-    judge that was never trained), which is how an anchor must be judged.
-    """
-    layers = list(layers) if layers is not None else report_layers(axis.n_layers)
-    common = (reference, tokenizer, axis, questions, role_prompts, layers, max_new_tokens, batch_size)
-    base = _persona_measures(reference.active, *common)
-    tuned = _persona_measures(lambda: contextlib.nullcontext(model), *common)
-    return {"layers": layers, "n_questions": len(questions), "base": base, "tuned": tuned}
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Log history → probe drift series and plot
-# ---------------------------------------------------------------------------------------------------------------
-
-
-def probe_drift_series(log_history: Sequence[Mapping[str, Any]], prefix: str = "anchor") -> dict[str, list]:
-    """``{domain: [(step, z), ...]}`` from the callback's ``<prefix>/probe_drift[/<domain>]`` entries (``all`` for
-    the overall score), starting at ``(0, 0.0)``: the drift is measured against step 0."""
-    key = f"{prefix}/probe_drift"
-    series: dict[str, list] = {}
-    for entry in log_history:
-        for name, value in entry.items():
-            if name == key or name.startswith(key + "/"):
-                domain = name[len(key) + 1:] or "all"
-                series.setdefault(domain, [(0, 0.0)]).append((int(entry.get("step", 0)), float(value)))
-    return series
-
-
-def last_probe_drift(log_history: Sequence[Mapping[str, Any]], prefix: str = "anchor") -> dict[str, float]:
-    return {domain: points[-1][1] for domain, points in probe_drift_series(log_history, prefix).items()}
-
-
-def plot_probe_drift(histories: Mapping[str, Sequence[Mapping[str, Any]]], path: str | os.PathLike,
-                     prefix: str = "anchor") -> Path | None:
-    """One panel per probe domain, one line per run: probe drift (z against step 0) over optimizer steps.
-
-    Returns None (and writes nothing) when no run logged probe drift.
-    """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    runs = {label: probe_drift_series(h, prefix) for label, h in histories.items()}
-    domains = list(dict.fromkeys(d for series in runs.values() for d in sorted(series, key=lambda d: d != "all")))
-    if not domains:
-        return None
-    fig, axes = plt.subplots(1, len(domains), figsize=(3.4 * len(domains), 3.2), sharey=True, squeeze=False)
-    for ax, domain in zip(axes[0], domains, strict=True):
-        for label, series in runs.items():
-            if domain in series:
-                steps, values = zip(*series[domain], strict=True)
-                ax.plot(steps, values, marker="o", markersize=3, label=label)
-        ax.axhline(0.0, color="grey", linewidth=0.8)
-        ax.set_title(domain)
-        ax.set_xlabel("step")
-    axes[0][0].set_ylabel("probe drift (z vs step 0)")
-    axes[0][-1].legend(fontsize=8)
-    fig.suptitle("Default-persona probe drift during training (negative = away from the Assistant)", fontsize=10)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
-
-
-# ---------------------------------------------------------------------------------------------------------------
 # One run
 # ---------------------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class RunSummary:
-    """What one run measured and where it wrote things; saved as ``<output_dir>/summary.json``."""
-
-    label: str
-    output_dir: str
-    trainer: str
-    peft: bool
-    anchor: dict[str, Any] | None
-    steps: int
-    seconds: float
-    train_loss: float | None
-    heldout_loss: float | None
-    probe_drift: dict[str, float]
-    drift: dict[str, Any] | None
-    paths: dict[str, str]
-
-    def save(self, path: str | os.PathLike) -> None:
-        Path(path).write_text(json.dumps(dataclasses.asdict(self), indent=1))
-
-    @classmethod
-    def load(cls, path: str | os.PathLike) -> RunSummary:
-        return cls(**json.loads(Path(path).read_text()))
-
-    def render(self) -> str:
-        anchor = ("off" if self.anchor is None else
-                  f"{self.anchor['method']} λ={self.anchor['weight']:g} on layers {self.anchor['layers']}")
-        lines = [f"== {self.label}: {self.trainer.upper()}{' + LoRA' if self.peft else ' (full)'}, anchor {anchor}, "
-                 f"{self.steps} steps in {self.seconds:.0f} s ==",
-                 f"task loss: train {_fmt(self.train_loss)}, held-out {_fmt(self.heldout_loss)}"]
-        if self.probe_drift:
-            lines.append("probe drift (z vs step 0, last probe): " + ", ".join(
-                f"{d} {v:+.2f}" for d, v in self.probe_drift.items()))
-        if self.drift:
-            d = self.drift
-            lines.append(f"held-out default persona ({d['n_questions']} questions), position in default-to-role gaps "
-                         "(0 = Assistant, -1 = average role):")
-            for who in ("base", "tuned"):
-                pos = ", ".join(f"L{layer} {v:+.2f}" for layer, v in zip(d["layers"], d[who]["position"], strict=True))
-                lines.append(f"  {who:5s}  {pos}; role-likeness {_fmt(d[who]['role_likeness'], '+.3f')}")
-        lines += [f"{name}: {where}" for name, where in self.paths.items()]
-        return "\n".join(lines)
-
-
-def _fmt(value: float | None, spec: str = ".3f") -> str:
-    return "–" if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, spec)
 
 
 def _wandb_run_dir() -> str | None:
@@ -490,7 +315,7 @@ def _reference_for(model: nn.Module, model_args: Any, device: torch.device) -> R
     return Reference(model, frozen=base)
 
 
-def train(script_args: ScriptArguments, training_args: Any, model_args: Any, anchor_config: AnchorConfig,
+def train(script_args: RecipeArguments, training_args: Any, model_args: Any, anchor_config: AnchorConfig,
           label: str = "run") -> RunSummary:
     """Load the model, prepare the data, train with the anchor, evaluate, and write the summary and plot."""
     from transformers.integrations import is_deepspeed_zero3_enabled
@@ -500,6 +325,10 @@ def train(script_args: ScriptArguments, training_args: Any, model_args: Any, anc
     state = _state()
     if not training_args.run_name:
         training_args.run_name = Path(training_args.output_dir).name
+    tracking = configure_wandb(training_args.output_dir, training_args.report_to,
+                               resume=bool(training_args.resume_from_checkpoint))
+    if tracking and state.is_main_process:
+        print(tracking, flush=True)
     model, tokenizer = load_model(model_args.model_name_or_path or EMBEDDED, dtype=model_args.dtype)
     zero3 = is_deepspeed_zero3_enabled()
     if not zero3:  # under ZeRO-3 the model is partitioned at load; only the trainer may run it
@@ -530,6 +359,8 @@ def train(script_args: ScriptArguments, training_args: Any, model_args: Any, anc
     if state.is_main_process and can_measure:
         questions = persona.drift_questions[: script_args.eval_questions]
         role_prompts = [prompts[0] for prompts in persona.roles.values()]
+        print(f"anchor: measuring the default persona after training: the base and the tuned model answer "
+              f"{len(questions)} held-out questions ({script_args.eval_max_new_tokens} tokens each)...", flush=True)
         drift = default_persona_drift(
             trainer.model, _reference_for(trainer.model, model_args, training_args.device), tokenizer, axis,
             questions, role_prompts, script_args.eval_layers, script_args.eval_max_new_tokens,
@@ -547,7 +378,7 @@ def train(script_args: ScriptArguments, training_args: Any, model_args: Any, anc
     anchor_info = None
     if callback is not None and callback.anchor is not None:
         anchor_info = {"method": anchor_config.method, "weight": anchor_config.weight,
-                       "layers": list(callback.anchor.layers)}
+                       "method_weights": anchor_config.weights(), "layers": list(callback.anchor.layers)}
     summary = RunSummary(
         label=label, output_dir=str(out), trainer=script_args.trainer, peft=bool(model_args.use_peft),
         anchor=anchor_info, steps=trainer.state.global_step, seconds=time.perf_counter() - start,
@@ -568,68 +399,6 @@ def train(script_args: ScriptArguments, training_args: Any, model_args: Any, anc
 # ---------------------------------------------------------------------------------------------------------------
 # Anchored vs unanchored
 # ---------------------------------------------------------------------------------------------------------------
-
-
-def comparison_table(runs: Mapping[str, RunSummary]) -> str:
-    """A markdown before/after table: held-out default-persona position per layer, role-likeness, task loss."""
-    first = next(iter(runs.values()))
-    layers = first.drift["layers"] if first.drift else []
-    head = ["model", *[f"L{layer}" for layer in layers], "role-likeness", "held-out loss", "probe drift (z)"]
-    rows = []
-    if first.drift:
-        base = first.drift["base"]
-        rows.append(["base (before)", *[f"{v:+.2f}" for v in base["position"]], _fmt(base["role_likeness"], "+.3f"),
-                     "–", "0 (by definition)"])
-    for label, run in runs.items():
-        pos = run.drift["tuned"]["position"] if run.drift else [math.nan] * len(layers)
-        rl = run.drift["tuned"]["role_likeness"] if run.drift else None
-        rows.append([label, *[f"{v:+.2f}" for v in pos], _fmt(rl, "+.3f"), _fmt(run.heldout_loss),
-                     _fmt(run.probe_drift.get("all"), "+.2f")])
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    lines += ["| " + " | ".join(row) + " |" for row in rows]
-    return "\n".join(lines)
-
-
-MIN_DRIFT = 0.05
-"""Below this mean drift (default-to-role gaps) the unanchored run barely moved, and a ratio would be noise."""
-
-
-def drift_shares(runs: Mapping[str, RunSummary], anchored: str, unanchored: str) -> dict[str, float | None]:
-    """The anchored run's drift from the base as a share of the unanchored run's, and its task-loss cost.
-
-    ``projection``: mean over the reported layers of the position change; ``role_likeness``: the change of the
-    behavioural score. Negative shares mean the anchored run overshot toward the Assistant. A share is None when a
-    run was not measured or the unanchored run moved less than :data:`MIN_DRIFT` (a ratio would be noise).
-    ``task_loss_change``: held-out loss relative to unanchored's (0.05 = 5% higher).
-    """
-    a, u = runs[anchored], runs[unanchored]
-    shares: dict[str, float | None] = {"projection": None, "role_likeness": None, "task_loss_change": None}
-    if a.drift and u.drift:
-        base = u.drift["base"]
-        moved_u = sum(t - b for t, b in zip(u.drift["tuned"]["position"], base["position"], strict=True))
-        moved_a = sum(t - b for t, b in zip(a.drift["tuned"]["position"], base["position"], strict=True))
-        n = len(base["position"])
-        shares["projection"] = moved_a / moved_u if abs(moved_u) / n >= MIN_DRIFT else None
-        rl = [r.drift["tuned"]["role_likeness"] for r in (a, u)]
-        if base["role_likeness"] is not None and None not in rl and abs(rl[1] - base["role_likeness"]) >= MIN_DRIFT:
-            shares["role_likeness"] = (rl[0] - base["role_likeness"]) / (rl[1] - base["role_likeness"])
-    if a.heldout_loss is not None and u.heldout_loss:
-        shares["task_loss_change"] = a.heldout_loss / u.heldout_loss - 1
-    return shares
-
-
-def shares_sentence(shares: Mapping[str, float | None]) -> str:
-    """One line saying how much of the unanchored drift the anchored run kept, and at what task-loss cost."""
-    labels = {"projection": "projection (mean over the reported layers)", "role_likeness": "role-likeness"}
-    measured = {key: shares[key] for key in labels if shares[key] is not None}
-    if not measured:
-        return ""
-    parts = ", ".join(f"{labels[key]} {value:.0%}" for key, value in measured.items())
-    text = f"Anchored drift as a share of unanchored: {parts} (0% = stayed at the base model"
-    text += ", negative = overshot toward the Assistant)." if min(measured.values()) < 0 else ")."
-    if shares["task_loss_change"] is not None:
-        text += f" Held-out task loss {shares['task_loss_change']:+.0%} vs unanchored."
-    return text
 
 
 def compare(argv: Sequence[str]) -> dict[str, RunSummary]:
@@ -655,9 +424,9 @@ def compare(argv: Sequence[str]) -> dict[str, RunSummary]:
                 "averaged over the implanted roles. Probe drift: the callback's last probe, z against step 0.")
         text = "\n".join([f"# Anchored vs unanchored: {training_args.output_dir}", "", table, "", note, "",
                           shares_sentence(shares)]).rstrip()
-        (out / "comparison.md").write_text(text + "\n")
-        (out / "comparison.json").write_text(json.dumps(
-            {label: dataclasses.asdict(run) for label, run in runs.items()} | {"drift_shares": shares}, indent=1))
+        atomic_write_text(out / "comparison.md", text + "\n")
+        atomic_write_json(out / "comparison.json", nan_to_none(
+            {label: dataclasses.asdict(run) for label, run in runs.items()} | {"drift_shares": shares}))
         print("\n" + text)
         print(f"Comparison: {out / 'comparison.md'}" + (f", plot {plot}" if plot else ""), flush=True)
     return runs
@@ -678,5 +447,4 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-__all__ = ["RunSummary", "ScriptArguments", "compare", "comparison_table", "default_persona_drift", "main",
-           "parse_args", "plot_probe_drift", "prepare_persona_data", "probe_drift_series", "resolve_axis", "train"]
+__all__ = ["RecipeArguments", "compare", "main", "parse_args", "prepare_persona_data", "resolve_axis", "train"]

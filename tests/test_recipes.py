@@ -15,19 +15,15 @@ import torch
 import yaml
 
 from anchor.callback import AnchorConfig
-from anchor.train import (
+from anchor.report import (
     RunSummary,
-    ScriptArguments,
-    _records_to_rows,
     comparison_table,
     drift_shares,
-    main,
-    parse_args,
     plot_probe_drift,
     probe_drift_series,
     shares_sentence,
-    trainer_kind,
 )
+from anchor.train import RecipeArguments, _records_to_rows, main, parse_args, trainer_kind
 from tests.conftest import make_tiny_model
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -61,10 +57,11 @@ def test_recipe_set_is_complete():
 def test_recipe_parses_and_documents_itself(recipe):
     raw = yaml.safe_load(recipe.read_text())
     script, trainer, model, anchor = _parse(recipe)
-    assert isinstance(script, ScriptArguments) and isinstance(anchor, AnchorConfig)
+    assert isinstance(script, RecipeArguments) and isinstance(anchor, AnchorConfig)
     assert type(trainer).__name__ == {"sft": "SFTConfig", "dpo": "DPOConfig"}[raw["trainer"]]
     assert trainer.output_dir == raw["output_dir"] and model.model_name_or_path == raw["model_name_or_path"]
-    assert anchor.method == raw["method"] and anchor.weight == raw["weight"] > 0
+    methods = [raw["method"]] if isinstance(raw["method"], str) else raw["method"]  # one name, or a composition
+    assert anchor.method == methods and anchor.weight == raw["weight"] > 0
     header = _header(recipe)
     assert len(header.splitlines()) >= 5 and "--weight 0" in header  # documented, with its unanchored switch
     # The one-flag unanchored twin, and command-line overrides beating the YAML.
