@@ -119,12 +119,12 @@ def configure_wandb(output_dir: str | os.PathLike, report_to: str | Sequence[str
     atomic_write_text(id_file, run_id + "\n")
 
     files = Path(os.environ["WANDB_DIR"]) / "wandb"
-    run = f"{'continuing' if continuing else 'new'} wandb run {run_id}"
+    run = f"{'continuing' if continuing else 'new'} run {run_id}"
     if resume and not continuing and not _user_set("WANDB_RUN_ID"):
         run += f" (no {RUN_ID_FILE} in {out} to continue)"
     mode = os.environ.get("WANDB_MODE", "online")
     if mode == "offline":
-        why = "no wandb login found, so " if not wandb_logged_in() and not _user_set("WANDB_MODE") else ""
+        why = "no login found, so " if not wandb_logged_in() and not _user_set("WANDB_MODE") else ""
         return (f"wandb: {why}{run} logs offline to {files}; upload it with "
                 f"`wandb sync {files}/offline-run-*-{run_id}` (every part, as one run).")
     return f"wandb: {run} logs in mode {mode}; local files in {files}."
