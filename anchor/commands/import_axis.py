@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -28,11 +27,10 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from anchor.axis import CONFIG_NAME, AssistantAxis
+    from anchor.axis import CONFIG_NAME, WEIGHTS_NAME, AssistantAxis
+    from anchor.io import check_output_dir
 
-    out = Path(args.out)
-    if (out / CONFIG_NAME).exists() and not args.overwrite:
-        raise ValueError(f"{out} already holds an axis bundle; pass --overwrite to replace it.")
+    out = check_output_dir(args.out, (WEIGHTS_NAME, CONFIG_NAME), overwrite=args.overwrite)
     axis = AssistantAxis.from_official(args.axis_file, args.capping_file, args.experiment, args.model)
     axis.save_pretrained(out)
     print(f"Imported a {axis.n_layers}-layer axis of width {axis.hidden_size} into {out}.")
