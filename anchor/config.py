@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass, field, fields
+from pathlib import Path
 
 from anchor.axis import AxisSettings
 
@@ -92,6 +93,9 @@ class AnchorConfig:
                 "questions you measure drift on."})
     lm_replay_pool: int = field(default=32, metadata={
         "help": "lm_replay: plain questions the base model answers before training (the pool rows are drawn from)."})
+    lm_replay_data: str | None = field(default=None, metadata={
+        "help": "lm_replay: a JSONL of chat `messages` whose last turn is a default-persona answer (e.g. the base "
+                "model's own, or your instruct data) to replay instead of answering lm_replay_pool questions."})
     steer_coefficient: float = field(default=0.01, metadata={
         "help": "preventative: steering strength k, in units of the layer's mean residual norm (added at every anchor "
                 "layer, so keep it small: 0.05 over 11 layers already quadruples SmolLM2's NLL of in-role text)."})
@@ -125,6 +129,9 @@ class AnchorConfig:
                                                          for q in self.replay_questions or [""]):
             raise ValueError("AnchorConfig.replay_questions must be a non-empty list of non-empty strings (or None "
                              "for the shipped questions).")
+        if self.lm_replay_data is not None and not Path(self.lm_replay_data).is_file():
+            raise FileNotFoundError(f"AnchorConfig.lm_replay_data={self.lm_replay_data!r}: no such file; give a JSONL "
+                                    "of chat `messages` ending with the answer to replay.")
         self._warn_unused()
 
     def _check_numbers(self) -> None:

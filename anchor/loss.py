@@ -73,9 +73,12 @@ def match_penalty(proj: torch.Tensor, ref: torch.Tensor, gap: float, mask: torch
 
 
 def answer_lm_loss(logits: torch.Tensor, ids: torch.Tensor, answer_mask: torch.Tensor) -> torch.Tensor:
-    """LM loss of ``ids [N, T]`` on its ``answer_mask`` tokens: per-token NLL averaged per row, then over rows."""
+    """The ordinary LM loss of ``ids [N, T]`` on its ``answer_mask`` tokens: per-token NLL averaged over every answer
+    token of the batch (what a causal LM returns with ``labels``), so longer answers weigh more. Added once per
+    optimizer step, it needs no per-row averaging to be invariant to gradient accumulation."""
     nll = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten(), reduction="none")
-    return sequence_mean(nll.view(ids.shape[0], -1), answer_mask[:, 1:])
+    mask = answer_mask[:, 1:].flatten().to(nll.dtype)
+    return (nll * mask).sum() / mask.sum().clamp(min=1)
 
 
 __all__ = ["IGNORE_INDEX", "AddAux", "answer_lm_loss", "floor_penalty", "match_penalty", "row_means", "sequence_mean"]

@@ -249,8 +249,8 @@ def test_lm_replay_gradient_equals_explicit_lm_loss(tiny_tokenizer, tiny_axis, m
 
     model = _train_model(tiny_tokenizer, mode)
     logits = model(input_ids=ids, attention_mask=attention).logits  # unsteered
-    nll = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten(), reduction="none")
-    lm = sequence_mean(nll.view(2, -1), answer[:, 1:])
+    labels = torch.where(answer, ids, torch.full_like(ids, -100))
+    lm = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten())  # a causal LM's loss
     assert metrics["lm_replay_loss"][0].item() == pytest.approx(lm.item(), rel=1e-6)
     steer = {i: steering_vector(tiny_axis, i, coefficient) * weight for i in LAYERS} if method == "preventative" else {}
     with LayerHooks(model, LAYERS, lambda i, h: h + steer[i] if steer else None):

@@ -29,7 +29,7 @@ _KEYS = ("input_ids", "attention_mask", "answer_mask")
 @register_method
 class LMReplay(AnchorMethod):
     name = "lm_replay"
-    fields = ("replay_batch_size", "replay_max_new_tokens", "replay_questions", "lm_replay_pool")
+    fields = ("replay_batch_size", "replay_max_new_tokens", "replay_questions", "lm_replay_pool", "lm_replay_data")
     needs_template = True
 
     def __init__(self, *args: object, **kwargs: object):
@@ -39,7 +39,7 @@ class LMReplay(AnchorMethod):
 
     def setup(self, run: RunContext) -> None:
         from anchor.models import unwrap
-        from anchor.probes import generate_answers, pack_answers
+        from anchor.probes import generate_answers
 
         if self.pool is not None:  # restored from a checkpoint
             return
@@ -49,15 +49,16 @@ class LMReplay(AnchorMethod):
                 "answers cannot be written by the half-trained model. Resume without lm_replay, or start the run "
                 "again.")
         cfg, tok = self.config, run.tokenizer
+        if cfg.lm_replay_data is not None:
+            self.pool = _pack(*_read_pool(tok, cfg.lm_replay_data), tok.pad_token_id)
+            return
         prompts = default_prompts(tok, replay_questions(cfg), cfg.lm_replay_pool, f"anchor-lm-replay-{run.seed}")
         start = time.perf_counter()
         if run.progress:
             logger.info("anchor: lm_replay: the base model answers %d plain questions (%d tokens each) for the replay "
                         "pool...", len(prompts), cfg.replay_max_new_tokens)
         answers = generate_answers(unwrap(run.model), tok, prompts, cfg.replay_max_new_tokens, cfg.replay_batch_size)
-        answers = [a or [tok.eos_token_id] for a in answers]
-        ids, attention, answer = pack_answers(prompts, answers, tok.pad_token_id)
-        self.pool = {"input_ids": ids, "attention_mask": attention, "answer_mask": answer.bool()}
+        self.pool = _pack(prompts, [a or [tok.eos_token_id] for a in answers], tok.pad_token_id)
         if run.progress:
             logger.info("anchor: lm_replay pool ready in %.0f s.", time.perf_counter() - start)
 
@@ -90,3 +91,28 @@ class LMReplay(AnchorMethod):
     def load_state_dict(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
         pool = {k[5:]: v for k, v in tensors.items() if k.startswith("pool.")}
         self.pool = {**pool, "answer_mask": pool["answer_mask"].bool()} if pool else None
+
+
+def _read_pool(tokenizer: Any, path: str) -> tuple[list[list[int]], list[list[int]]]:
+    """(prompt ids, answer ids) of a JSONL of chat ``messages`` ending with an assistant answer."""
+    from anchor.data import read_jsonl
+    from anchor.spans import encode_prompt
+
+    prompts, answers = [], []
+    for i, record in enumerate(read_jsonl(path)):
+        messages = record.get("messages")
+        if not messages or messages[-1].get("role") != "assistant" or not messages[-1].get("content"):
+            raise ValueError(f"{path}, record {i}: lm_replay_data needs chat `messages` ending with a non-empty "
+                             "assistant answer.")
+        prompts.append(encode_prompt(tokenizer, messages[:-1]))
+        answers.append(list(tokenizer(messages[-1]["content"], add_special_tokens=False)["input_ids"]))
+    if not prompts:
+        raise ValueError(f"{path} holds no records to replay.")
+    return prompts, answers
+
+
+def _pack(prompts: list[list[int]], answers: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
+    from anchor.probes import pack_answers
+
+    ids, attention, answer = pack_answers(prompts, answers, pad_id)
+    return {"input_ids": ids, "attention_mask": attention, "answer_mask": answer.bool()}
