@@ -16,7 +16,8 @@ and one wandb run per training run, across resumes.
   so a run killed early kept only the file's header; anchor flushes every :data:`FLUSH_INTERVAL_S` seconds.
 
 Whatever you set yourself (``WANDB_MODE``, ``WANDB_DIR``, ``WANDB_RUN_ID``, ``WANDB_RESUME``, the flush interval)
-is left alone. Call it on the main process only: the other processes of a distributed run do not log to wandb.
+is left alone. On the other processes of a distributed run (``RANK`` > 0), which do not log to wandb, it does
+nothing, so every process may call it.
 """
 
 from __future__ import annotations
@@ -87,9 +88,10 @@ def configure_wandb(output_dir: str | os.PathLike, report_to: str | Sequence[str
     """Prepare wandb's environment for a training run into ``output_dir`` (see the module doc).
 
     ``resume``: the run continues from a checkpoint (``resume_from_checkpoint``). Returns the one line to print
-    (mode, run id, where the files are, how to upload them), or None when ``report_to`` does not include wandb.
+    (mode, run id, where the files are, how to upload them), or None when ``report_to`` does not include wandb or
+    this is not the main process.
     """
-    if not wants_wandb(report_to):
+    if not wants_wandb(report_to) or os.environ.get("RANK", "0") != "0":  # only rank 0 logs; only it keeps the id
         return None
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)

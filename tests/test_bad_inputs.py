@@ -157,6 +157,8 @@ def test_wandb_login_or_a_users_mode_is_respected(clean_wandb_env, tmp_path, mon
     assert os.environ["WANDB_MODE"] == "disabled" and os.environ["WANDB_DIR"] == str(tmp_path / "mine")
     assert "mode disabled" in line
     assert tracking.configure_wandb(tmp_path / "d", "none") is None and tracking.configure_wandb(tmp_path, None) is None
+    monkeypatch.setenv("RANK", "1")  # another process of a distributed run: it neither logs nor writes the id
+    assert tracking.configure_wandb(tmp_path / "e", "wandb") is None and not (tmp_path / "e").exists()
 
 
 def test_two_runs_in_one_process_get_their_own_ids_and_dirs(clean_wandb_env, tmp_path):
