@@ -409,12 +409,18 @@ def compute_axis(
     kept there and an interrupted call resumes; otherwise they go to a temporary directory.
     """
     settings = ExtractionSettings(mode, max_new_tokens, temperature, batch_size, seed)
+    if prompts_per_role is not None and prompts_per_role < 1:
+        raise ValueError(f"prompts_per_role={prompts_per_role} must be >= 1 (1 uses each role's first system "
+                         "prompt), or None for all of them.")
     role_map = load_roles(roles)
     chosen = _sample(list(role_map), n_roles, seed, "roles")
     qs = _sample(load_questions(questions), n_questions, seed, "questions")
     default_prompts = load_default_prompts(defaults)
     if DEFAULT_KEY in chosen:
         raise ValueError(f"'{DEFAULT_KEY}' is reserved for the default Assistant; rename that role.")
+    if len(chosen) < 2:
+        raise ValueError("Only 1 role was chosen: an axis needs at least 2 (its persona-space PCA and role ordering "
+                         "compare roles). Use n_roles >= 2 (anchor axis --roles 2), or give more roles.")
     personas = [Persona(DEFAULT_KEY, tuple(default_prompts[:prompts_per_role]))]
     personas += [Persona(name, tuple(role_map[name][:prompts_per_role])) for name in chosen]
     n_layers = len(decoder_layers(model))

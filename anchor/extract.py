@@ -7,16 +7,27 @@ captured *during* generation: at decode step ``t`` the layer hooks see the hidde
 paid for. ``mode="prompt"`` skips generation and averages the prompt-end tokens (the template's generation
 prompt, e.g. ``<|im_start|>assistant\\n``): fast, and it keeps the role ordering but not the direction.
 
-Results stream to ``out_dir/shards`` (one safetensors file per persona, written atomically), so an interrupted
-run resumes where it stopped and a half-written shard is never read back.
+Where the compute goes on a CPU, and what is done about it:
+
+- **Shared prompt heads.** Every question a role answers starts with the same tokens (the system message and
+  the user header). Each distinct head is run once per batch and its KV cache is shared by the rows that start
+  with it, so only the question and the answer are paid per sample. Rows keep their true positions (the head's
+  length plus their own offset), so the numbers equal a plain run over the whole prompt.
+- **Batches across personas.** Personas are grouped into units of work of at least one batch, and a unit's
+  samples are sorted by the length of what is left after the head, so few padding tokens are computed.
+- **No logits over the prompt.** Only the last position's logits are computed (``logits_to_keep=1``).
+
+Results stream to ``out_dir/shards`` (one safetensors file per persona, written atomically once its unit is
+done), so an interrupted run resumes at the first unfinished unit and a half-written shard is never read back.
 """
 
 from __future__ import annotations
 
 import hashlib
+import inspect
+import itertools
 import json
 import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -25,9 +36,11 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
+from transformers import DynamicCache
 
 from anchor.hooks import LayerHooks
-from anchor.models import decoder_layers, fingerprint
+from anchor.io import atomic_write, atomic_write_json
+from anchor.models import decoder_layers, fingerprint, unwrap
 from anchor.spans import encode_prompt, render_chat
 
 DEFAULT_KEY = "default"
@@ -51,6 +64,8 @@ class ExtractionSettings:
             raise ValueError("max_new_tokens must be >= 2 in generate mode (the last token is never fed back).")
         if self.batch_size < 1:
             raise ValueError("batch_size must be >= 1.")
+        if not (self.temperature >= 0 and self.temperature != float("inf")):
+            raise ValueError(f"temperature={self.temperature} must be a finite number >= 0 (0 = greedy).")
 
 
 @dataclass(frozen=True)
@@ -88,20 +103,10 @@ def left_pad(rows: Sequence[Sequence[int]], pad_id: int, device: torch.device) -
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
     for i, row in enumerate(rows):
-        ids[i, width - len(row):] = torch.tensor(row, dtype=torch.long)
-        mask[i, width - len(row):] = 1
+        if row:
+            ids[i, width - len(row):] = torch.tensor(row, dtype=torch.long)
+            mask[i, width - len(row):] = 1
     return ids.to(device), mask.to(device)
-
-
-class _StepRecorder:
-    """Hook function that keeps, per layer, the last position of every forward call (one per decode step)."""
-
-    def __init__(self, keep_last: int):
-        self.keep_last = keep_last
-        self.steps: dict[int, list[torch.Tensor]] = {}
-
-    def __call__(self, layer: int, hidden: torch.Tensor) -> None:
-        self.steps.setdefault(layer, []).append(hidden[:, -self.keep_last:].detach().float())
 
 
 def stop_ids(model: nn.Module, tokenizer: object) -> set[int]:
@@ -119,6 +124,65 @@ def _generation_prompt_length(tokenizer: object) -> int:
     return max(1, len(with_prompt) - len(without))
 
 
+class _Recorder:
+    """Hook function that sums, per sample and layer, the hidden states (and their norms) of the last
+    ``last`` positions of each forward call while ``rows`` says which samples the batch rows are."""
+
+    def __init__(self, n_samples: int, n_layers: int):
+        self.n_samples, self.n_layers = n_samples, n_layers
+        self.rows: torch.Tensor | None = None  # None: this forward is not recorded
+        self.last = 1
+        self.sums: torch.Tensor | None = None  # [n_samples, n_layers, hidden], allocated on first use
+        self.norms: torch.Tensor | None = None  # [n_samples, n_layers]
+
+    def __call__(self, layer: int, hidden: torch.Tensor) -> None:
+        if self.rows is None:
+            return
+        h = hidden[self.rows, -self.last:].detach().float()  # batch row i is sample i
+        if self.sums is None:
+            self.sums = h.new_zeros(self.n_samples, self.n_layers, h.shape[-1])
+            self.norms = h.new_zeros(self.n_samples, self.n_layers)
+        self.sums[:, layer].index_add_(0, self.rows, h.sum(dim=1))
+        self.norms[:, layer].index_add_(0, self.rows, h.norm(dim=-1).sum(dim=1))
+
+
+def _forward(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor,
+             cache: DynamicCache) -> torch.Tensor:
+    """One cached forward; returns the last position's logits. ``mask`` covers the cache plus ``ids``."""
+    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1,
+                **{_cache_kwarg(model): cache})
+    return out.logits[:, -1]
+
+
+def _cache_kwarg(model: nn.Module) -> str:
+    """transformers 5.x renamed ``past_key_values`` to ``cache`` (the old name warns, then goes away)."""
+    return "cache" if "cache" in inspect.signature(type(unwrap(model)).forward).parameters else "past_key_values"
+
+
+def _prefill_heads(model: nn.Module, heads: Sequence[tuple[int, ...]], pad_id: int,
+                   device: torch.device) -> tuple[DynamicCache, torch.Tensor]:
+    """Run each distinct prompt head once and give every row its head's KV cache and attention mask.
+
+    Heads are left-padded, so a row's head ends where its remaining prompt begins; the padded slots are masked.
+    """
+    cache = DynamicCache(config=unwrap(model).config)
+    if not any(heads):
+        return cache, torch.zeros(len(heads), 0, dtype=torch.long, device=device)
+    distinct = {head: i for i, head in enumerate(dict.fromkeys(heads))}
+    ids, mask = left_pad(list(distinct), pad_id, device)
+    _forward(model, ids, mask, (mask.cumsum(dim=1) - 1).clamp(min=0), cache)
+    index = torch.tensor([distinct[h] for h in heads], device=device)
+    cache.batch_select_indices(index)
+    return cache, mask[index]
+
+
+def _next_token(logits: torch.Tensor, temperature: float, generator: torch.Generator | None) -> torch.Tensor:
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+
+
 @torch.no_grad()
 def run_batch(
     model: nn.Module,
@@ -126,63 +190,85 @@ def run_batch(
     prompts: Sequence[Sequence[int]],
     settings: ExtractionSettings,
     prompt_end: int = 1,
+    shared: Sequence[int] | None = None,
+    generator: torch.Generator | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[str]]:
     """Answer a batch of prompts; return per-sample layer means ``[B, L, H]``, token counts, mean token norms
-    ``[B, L]`` and the decoded answers."""
+    ``[B, L]`` and the decoded answers.
+
+    ``shared[i]`` is how many leading tokens of ``prompts[i]`` other rows may share (its system message, say):
+    rows with the same head have it computed once. Heads never reach into the tokens that are recorded.
+    ``generator`` seeds sampling when ``settings.temperature > 0``.
+    """
     device = next(model.parameters()).device
     n_layers = len(decoder_layers(model))
-    ids, mask = left_pad(prompts, tokenizer.pad_token_id, device)
-    recorder = _StepRecorder(keep_last=prompt_end if settings.mode == "prompt" else 1)
+    keep = prompt_end if settings.mode == "prompt" else 1
+    if any(len(p) < keep for p in prompts):
+        raise ValueError(f"Every prompt needs at least {keep} tokens; got an empty or shorter one.")
+    cuts = [min(s, len(p) - keep) for s, p in zip(shared or [0] * len(prompts), prompts, strict=True)]
+    cache, head_mask = _prefill_heads(model, [tuple(p[:c]) for p, c in zip(prompts, cuts, strict=True)],
+                                      tokenizer.pad_token_id, device)
+    ids, tail_mask = left_pad([p[c:] for p, c in zip(prompts, cuts, strict=True)], tokenizer.pad_token_id, device)
+    mask = torch.cat([head_mask, tail_mask], dim=1)
+    positions = (head_mask.sum(dim=1, keepdim=True) + tail_mask.cumsum(dim=1) - 1).clamp(min=0)
+    recorder = _Recorder(len(prompts), n_layers)
     with LayerHooks(model, range(n_layers), recorder):
         if settings.mode == "prompt":
-            model(input_ids=ids, attention_mask=mask, use_cache=False)
+            recorder.rows, recorder.last = torch.arange(len(prompts), device=device), prompt_end
+            _forward(model, ids, mask, positions, cache)
+            counts = torch.full((len(prompts),), prompt_end, dtype=torch.long)
+            answers = [[] for _ in prompts]
         else:
-            sample = settings.temperature > 0
-            out = model.generate(
-                input_ids=ids, attention_mask=mask, max_new_tokens=settings.max_new_tokens, do_sample=sample,
-                temperature=settings.temperature if sample else None, top_p=None, top_k=None,
-                pad_token_id=tokenizer.pad_token_id, eos_token_id=sorted(stop_ids(model, tokenizer)),
-            )
-    if settings.mode == "prompt":
-        stacked = torch.stack([recorder.steps[i][0] for i in range(n_layers)], dim=1).cpu()  # [B, L, P, H]
-        counts = torch.full((len(prompts),), prompt_end, dtype=torch.long)
-        return stacked.mean(dim=2), counts, stacked.norm(dim=-1).mean(dim=2), [""] * len(prompts)
-    generated = out[:, ids.shape[1]:].cpu()
-    # Decode steps 1.. saw generated tokens 0..; the prefill call (step 0) saw the prompt and is skipped.
-    fed = generated[:, : len(recorder.steps[0]) - 1]
-    stop = torch.tensor(sorted(stop_ids(model, tokenizer)))
-    finished = torch.isin(fed, stop).long().cumsum(dim=1) > 0
-    valid = (~finished).float()  # [B, T]
-    counts = valid.sum(dim=1).long()
-    means, norms = [], []
-    for i in range(n_layers):
-        hidden = torch.cat(recorder.steps[i][1:], dim=1).cpu() if fed.shape[1] else torch.zeros(len(prompts), 0, 1)
-        means.append((hidden * valid[..., None]).sum(dim=1) / counts.clamp(min=1)[:, None])
-        norms.append((hidden.norm(dim=-1) * valid).sum(dim=1) / counts.clamp(min=1))
-    texts = tokenizer.batch_decode(
-        [row[: int(torch.isin(row, stop).long().argmax()) or len(row)] if torch.isin(row, stop).any() else row
-         for row in generated],
-        skip_special_tokens=True,
-    )
-    return torch.stack(means, dim=1), counts, torch.stack(norms, dim=1), texts
+            answers, counts = _decode(model, tokenizer, ids, mask, positions, cache, settings, recorder, generator)
+    scale = counts.clamp(min=1).float()
+    means = recorder.sums.cpu() / scale[:, None, None]
+    norms = recorder.norms.cpu() / scale[:, None]
+    return means, counts, norms, tokenizer.batch_decode(answers, skip_special_tokens=True)
 
 
-def _atomic_save(tensors: dict[str, torch.Tensor], meta: dict, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata={"anchor": json.dumps(meta)})
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+def _decode(
+    model: nn.Module,
+    tokenizer: object,
+    ids: torch.Tensor,
+    mask: torch.Tensor,
+    positions: torch.Tensor,
+    cache: DynamicCache,
+    settings: ExtractionSettings,
+    recorder: _Recorder,
+    generator: torch.Generator | None,
+) -> tuple[list[list[int]], torch.Tensor]:
+    """Greedy (or sampled) decoding that records each fed answer token's layer outputs.
+
+    A row stops at its first stop token, which is neither fed, recorded nor kept in its answer; the last of the
+    ``max_new_tokens`` tokens is never fed, so it has no activation. Finished rows keep being fed (and are not
+    recorded) until every row is done, so the batch keeps its shape.
+    """
+    stop = torch.tensor(sorted(stop_ids(model, tokenizer)), device=ids.device)
+    n = ids.shape[0]
+    answers: list[list[int]] = [[] for _ in range(n)]
+    counts = torch.zeros(n, dtype=torch.long)
+    live = torch.ones(n, dtype=torch.bool, device=ids.device)
+    logits = _forward(model, ids, mask, positions, cache)
+    position = positions[:, -1:]
+    for step in range(settings.max_new_tokens):
+        token = _next_token(logits, settings.temperature, generator)
+        live &= ~torch.isin(token, stop)
+        for row in live.nonzero().squeeze(1).tolist():
+            answers[row].append(int(token[row]))
+        if step == settings.max_new_tokens - 1 or not live.any():
+            break
+        recorder.rows = live.nonzero().squeeze(1)
+        counts[recorder.rows.cpu()] += 1
+        mask = torch.cat([mask, live[:, None].long()], dim=1)
+        position = position + 1
+        logits = _forward(model, token[:, None], mask, position, cache)
+    return answers, counts
 
 
 def save_shard(shard: Shard, path: Path) -> None:
     meta = {"persona": shard.persona, "items": shard.items, "texts": shard.texts}
     tensors = {"means": shard.means.contiguous(), "counts": shard.counts, "norms": shard.norms.contiguous()}
-    _atomic_save(tensors, meta, path)
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"anchor": json.dumps(meta)}))
 
 
 def load_shard(path: Path) -> Shard:
@@ -211,11 +297,26 @@ def _check_manifest(out_dir: Path, manifest: dict) -> None:
                 "incompatible samples. Use a new out_dir, or delete this one to start over."
             )
         return
-    out_dir.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=out_dir)
-    with os.fdopen(fd, "w") as f:
-        json.dump(manifest, f, indent=1, sort_keys=True)
-    os.replace(tmp, path)
+    atomic_write_json(path, manifest)
+
+
+def units_of_work(sizes: Sequence[int], batch_size: int) -> list[list[int]]:
+    """Split personas (with ``sizes[i]`` answers each) into consecutive units of at least ``batch_size`` answers.
+
+    A unit is batched as a whole and its shards are written when it is done, so it is what a kill can lose. The
+    split depends only on the sizes and the batch size, so a resumed run batches every unit exactly as an
+    uninterrupted one would and gets bit-identical numbers. A short tail joins the unit before it.
+    """
+    units: list[list[int]] = []
+    for index in range(len(sizes)):
+        if units and sum(sizes[i] for i in units[-1]) < batch_size:
+            units[-1].append(index)
+        else:
+            units.append([index])
+    if len(units) > 1 and sum(sizes[i] for i in units[-1]) < batch_size:
+        tail = units.pop()
+        units[-1] += tail
+    return units
 
 
 def extract(
@@ -230,8 +331,8 @@ def extract(
     """Extract every persona × system prompt × question and return the paths of the per-persona shards.
 
     Finished shards in ``out_dir`` are read back instead of recomputed, so calling this again after an
-    interruption resumes the run. Each shard is seeded from ``settings.seed`` and its index, so a resumed run
-    gives the same numbers as an uninterrupted one.
+    interruption resumes the run at the first unit of work with a missing shard. Sampling (``temperature > 0``)
+    is seeded from ``settings.seed`` and the unit, so a resumed run gives the same numbers as an uninterrupted one.
     """
     out_dir = Path(out_dir)
     manifest = {
@@ -242,40 +343,72 @@ def extract(
     }
     _check_manifest(out_dir, manifest)
     prompt_end = _generation_prompt_length(tokenizer) if settings.mode == "prompt" else 1
-    total = sum(len(p.system_prompts) for p in personas) * len(questions)
+    sizes = [len(p.system_prompts) * len(questions) for p in personas]
     paths = [_shard_path(out_dir, i, p.name) for i, p in enumerate(personas)]
     was_training = model.training
     model.eval()
     try:
-        with tqdm(total=total, desc=f"extract ({settings.mode})", unit="answer", disable=not progress) as bar:
-            for index, (persona, path) in enumerate(zip(personas, paths, strict=True)):
-                if not path.exists():
-                    shard = _extract_persona(model, tokenizer, persona, questions, settings, index, prompt_end)
-                    save_shard(shard, path)
-                bar.update(len(persona.system_prompts) * len(questions))
+        with tqdm(total=sum(sizes), desc=f"extract ({settings.mode})", unit="answer", disable=not progress) as bar:
+            for unit in units_of_work(sizes, settings.batch_size):
+                if not all(paths[i].exists() for i in unit):
+                    shards = _extract_unit(model, tokenizer, [personas[i] for i in unit], questions, settings,
+                                           unit[0], prompt_end)
+                    for i, shard in zip(unit, shards, strict=True):
+                        save_shard(shard, paths[i])
+                bar.update(sum(sizes[i] for i in unit))
     finally:
         model.train(was_training)
     return paths
 
 
-def _extract_persona(
+def _shared_head(prompts: Sequence[Sequence[int]]) -> int:
+    """Length of the longest common prefix of ``prompts``: the tokens their KV cache can share."""
+    first = prompts[0]
+    n = min(len(p) for p in prompts)
+    for p in prompts[1:]:
+        n = next((i for i in range(n) if p[i] != first[i]), n)
+    return n
+
+
+def _even_batches(order: Sequence[int], batch_size: int) -> list[list[int]]:
+    """``order`` cut into the fewest batches of at most ``batch_size``, as equal in size as possible."""
+    n_batches = -(-len(order) // batch_size)
+    bounds = [round(k * len(order) / n_batches) for k in range(n_batches + 1)]
+    return [list(order[a:b]) for a, b in itertools.pairwise(bounds)]
+
+
+def _extract_unit(
     model: nn.Module,
     tokenizer: object,
-    persona: Persona,
+    personas: Sequence[Persona],
     questions: Sequence[str],
     settings: ExtractionSettings,
     index: int,
     prompt_end: int,
-) -> Shard:
-    items = [(p, q) for p in range(len(persona.system_prompts)) for q in range(len(questions))]
-    prompts = [encode_prompt(tokenizer, _messages(persona.system_prompts[p], questions[q])) for p, q in items]
-    # Similar lengths in a batch waste less compute on padding; the order is fixed, so runs are deterministic.
-    order = sorted(range(len(items)), key=lambda i: (len(prompts[i]), i))
-    torch.manual_seed(settings.seed * 100_003 + index)
+) -> list[Shard]:
+    """Answer every sample of a unit of personas in length-sorted batches; one shard per persona."""
+    items = [(k, p, q) for k, persona in enumerate(personas) for p in range(len(persona.system_prompts))
+             for q in range(len(questions))]
+    prompts = [encode_prompt(tokenizer, _messages(personas[k].system_prompts[p], questions[q])) for k, p, q in items]
+    groups: dict[tuple[int, int], list[int]] = {}
+    for i, (k, p, _) in enumerate(items):
+        groups.setdefault((k, p), []).append(i)
+    heads = {key: _shared_head([prompts[i] for i in members]) for key, members in groups.items()}
+    shared = [heads[item[:2]] for item in items]
+    # Similar remaining lengths in a batch waste less compute on padding; the order is fixed, so runs repeat.
+    order = sorted(range(len(items)), key=lambda i: (len(prompts[i]) - shared[i], i))
+    device = next(model.parameters()).device
+    generator = torch.Generator(device=device).manual_seed(settings.seed * 100_003 + index)
     means, counts, norms, texts = ([None] * len(items) for _ in range(4))
-    for start in range(0, len(order), settings.batch_size):
-        chunk = order[start:start + settings.batch_size]
-        m, c, n, t = run_batch(model, tokenizer, [prompts[i] for i in chunk], settings, prompt_end)
+    for chunk in _even_batches(order, settings.batch_size):
+        m, c, n, t = run_batch(model, tokenizer, [prompts[i] for i in chunk], settings, prompt_end,
+                               shared=[shared[i] for i in chunk], generator=generator)
         for j, i in enumerate(chunk):
             means[i], counts[i], norms[i], texts[i] = m[j], c[j], n[j], t[j]
-    return Shard(persona.name, torch.stack(means), torch.stack(counts), torch.stack(norms), items, texts)
+    shards = []
+    for k, persona in enumerate(personas):
+        mine = [i for members in groups.values() if items[members[0]][0] == k for i in members]
+        shards.append(Shard(persona.name, torch.stack([means[i] for i in mine]), torch.stack([counts[i] for i in mine]),
+                            torch.stack([norms[i] for i in mine]), [items[i][1:] for i in mine],
+                            [texts[i] for i in mine]))
+    return shards

@@ -156,6 +156,25 @@ def test_compute_axis_input_errors(tiny_model, tiny_tokenizer):
         compute_axis(tiny_model, tiny_tokenizer, roles=TINY_ROLES, questions=TINY_QUESTIONS, n_roles=0)
 
 
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"n_roles": 1}, r"Only 1 role was chosen: an axis needs at least 2 .* --roles 2"),
+    ({"roles": {"pirate": ["You are a pirate."]}}, "Only 1 role was chosen"),
+    ({"prompts_per_role": 0}, r"prompts_per_role=0 must be >= 1"),
+    ({"prompts_per_role": -1}, r"prompts_per_role=-1 must be >= 1"),  # was: silently dropped each role's last prompt
+    ({"n_questions": 0}, "n_questions=0 must be >= 1"),
+    ({"max_new_tokens": 1}, "max_new_tokens must be >= 2"),
+])
+def test_bad_extraction_settings_are_refused_before_any_work(tiny_model, tiny_tokenizer, tmp_path, kwargs, message):
+    """Refused before the work directory is touched, so the corrected call is not refused as a different run."""
+    work = tmp_path / "work"
+    with pytest.raises(ValueError, match=message):
+        compute_axis(tiny_model, tiny_tokenizer, **{"roles": TINY_ROLES, "questions": TINY_QUESTIONS, **kwargs},
+                     out_dir=work, progress=False)
+    assert not work.exists()
+    compute_axis(tiny_model, tiny_tokenizer, roles=TINY_ROLES, questions=TINY_QUESTIONS, n_questions=2,
+                 max_new_tokens=3, prompts_per_role=1, out_dir=work, progress=False)
+
+
 def test_subsets_are_seeded_and_nested(tiny_model, tiny_tokenizer):
     roles = {f"role_{i}": [f"You are character number {i}."] for i in range(6)}
     a = compute_axis(tiny_model, tiny_tokenizer, roles=roles, questions=TINY_QUESTIONS, n_roles=3, n_questions=2,
@@ -181,40 +200,35 @@ RESUME_SCRIPT = textwrap.dedent("""
     def save_then_die(shard, path):
         real_save(shard, path)
         saved.append(path)
-        if len(saved) == 2:  # die hard mid-run, after two finished shards, leaving a half-written temp file
+        if len(saved) == 3:  # die hard inside the last unit, after its first shard, beside a half-written file
             (path.parent / ".tmp-partial.safetensors").write_bytes(b"half written")
             os.kill(os.getpid(), signal.SIGKILL)
 
     ex.save_shard = save_then_die
-    compute_axis(make_tiny_model(tok), tok, roles=TINY_ROLES, questions=TINY_QUESTIONS,
+    compute_axis(make_tiny_model(tok), tok, roles=TINY_ROLES, questions=TINY_QUESTIONS, batch_size=8,
                  defaults=["", "You are a helpful assistant."], max_new_tokens=6, progress=False, out_dir=sys.argv[1])
 """)
 
 
-def test_resume_after_killed_extraction_matches_uninterrupted_run(tiny_axis, tiny_tokenizer, tmp_path):
-    proc = subprocess.run([sys.executable, "-c", RESUME_SCRIPT, str(tmp_path), str(torch.get_num_threads())],
-                          capture_output=True, text=True)
-    assert proc.returncode == -9, proc.stderr
-    assert len(list((tmp_path / "shards").glob("0*.safetensors"))) == 2
-    calls = []
+def test_resume_after_killed_extraction_matches_uninterrupted_run(tiny_tokenizer, tmp_path, monkeypatch):
+    """Units of work here: [default], [pirate], [ghost, poet, robot]. The run is killed after ghost's shard; the
+    resumed run redoes only the unfinished unit, batched as before, and the axis is bit-identical."""
     import anchor.extract as ex
 
-    original = ex._extract_persona
-
-    def counting(*args, **kwargs):
-        calls.append(args[2].name)
-        return original(*args, **kwargs)
-
-    ex._extract_persona = counting
-    try:
-        resumed = compute_axis(make_tiny_model(tiny_tokenizer), tiny_tokenizer, roles=TINY_ROLES,
-                               questions=TINY_QUESTIONS, defaults=DEFAULTS, max_new_tokens=6, progress=False,
-                               out_dir=tmp_path)
-    finally:
-        ex._extract_persona = original
-    assert calls == list(TINY_ROLES)[1:]  # the default and the first role were not redone
-    assert torch.equal(resumed.axis, tiny_axis.axis)
-    assert torch.equal(resumed.quantiles["roles"], tiny_axis.quantiles["roles"])
+    kwargs = dict(roles=TINY_ROLES, questions=TINY_QUESTIONS, defaults=DEFAULTS, max_new_tokens=6, batch_size=8,
+                  progress=False)
+    proc = subprocess.run([sys.executable, "-c", RESUME_SCRIPT, str(tmp_path / "killed"), str(torch.get_num_threads())],
+                          capture_output=True, text=True)
+    assert proc.returncode == -9, proc.stderr
+    assert len(list((tmp_path / "killed" / "shards").glob("0*.safetensors"))) == 3
+    calls = []
+    real = ex._extract_unit
+    monkeypatch.setattr(ex, "_extract_unit", lambda *a, **k: calls.append([p.name for p in a[2]]) or real(*a, **k))
+    resumed = compute_axis(make_tiny_model(tiny_tokenizer), tiny_tokenizer, out_dir=tmp_path / "killed", **kwargs)
+    assert calls == [["ghost", "poet", "robot"]]  # the default's and the pirate's units were not redone
+    whole = compute_axis(make_tiny_model(tiny_tokenizer), tiny_tokenizer, out_dir=tmp_path / "whole", **kwargs)
+    assert torch.equal(resumed.axis, whole.axis)
+    assert torch.equal(resumed.quantiles["roles"], whole.quantiles["roles"])
 
 
 def test_resume_into_directory_with_other_settings_is_refused(tiny_model, tiny_tokenizer, tmp_path):
