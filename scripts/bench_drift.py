@@ -5,19 +5,12 @@ Assistant on the axis, and is then fully fine-tuned on those answers *without* t
 learns to answer plain questions in the role's voice. Every arm trains on the same data with TRL's ``SFTTrainer``:
 
 * ``unanchored``: plain SFT, the drift to beat;
-* ``floor``, ``match``, ``replay``, ``preventative``: ``AnchorCallback`` with that method, at a couple of λ (k for
-  preventative steering, which acts on the middle third of the layers);
-* ``lm-replay`` (control, no axis): every step also trains, with the ordinary LM loss, on a batch of default-prompt
-  training questions answered by the base model. If it anchors as well, the axis adds nothing;
-* ``kl`` (control, no axis): every step also pulls the model's own sampled default-prompt answers towards the
-  frozen base model's next-token distributions, KL(base ‖ model);
-* ``prev+lm``, ``prev+kl``, ``prev+replay`` (experimental): preventative steering (k = ``--prev-k``) on the training
-  batch only, plus the ``lm-replay`` or ``kl`` term, or on-policy projection replay (the model's own sampled default
-  answers keep the base model's projections from the first anchor layer up). The replay forward is never steered.
-  These arms are built here (:class:`ExtraTerm`);
-* ``preventative+lm``: the shipped form of ``prev+lm``, ``AnchorCallback(method="preventative",
-  lm_replay_weight=λ)`` with k = ``--prev-k`` and the training split's questions as ``replay_questions`` (each with
-  a default system prompt; the pool's answers are written by the base model before training).
+* every other arm is one line of public configuration (:data:`ARMS`): ``AnchorCallback(AnchorConfig(...))`` with
+  one method or a composition, at a strength (λ, or k for preventative steering, which acts on the middle third of
+  the layers). ``lm-replay`` and ``kl`` are the axis-free controls: the LM loss of the base model's own default
+  answers to the training questions, and KL(base ‖ model) on the model's own sampled default answers. If they keep
+  the persona as well, the axis adds nothing. ``prev+lm``, ``prev+kl`` and ``prev+replay`` compose preventative
+  steering (k = ``--prev-k``) with LM replay, KL or on-policy projection replay.
 
 Each fine-tuned model is then judged by measures no anchor reads, on default-persona prompts disjoint from all
 training data (the held-out questions of ``anchor.data`` plus the shipped probes, ``anchor.personas.load_probes``):
@@ -49,7 +42,6 @@ import copy
 import json
 import math
 import platform
-import random
 import re
 import sys
 import tempfile
@@ -61,15 +53,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from anchor.axis import AssistantAxis
 from anchor.callback import AnchorCallback, AnchorConfig
 from anchor.data import CONFIG_NAME as DATA_CONFIG
 from anchor.data import PersonaData, build_persona_data
-from anchor.hooks import LayerHooks
-from anchor.loss import default_layers, match_penalty, steering_vector
+from anchor.engine import default_layers
+from anchor.io import atomic_write_text
+from anchor.loss import IGNORE_INDEX
 from anchor.models import decoder_layers, fingerprint, load_model, unwrap
 from anchor.personas import load_probes
 from anchor.probes import answer_nll, answer_projections, generate_answers, pack_answers, role_likeness
@@ -79,31 +71,26 @@ RESULTS = Path(__file__).resolve().parent / "results"
 REFERENCE_AXIS = RESULTS / "reference_axis"
 TARGET_RATIO = 0.2  # anchored drift within 20% of unanchored ...
 TARGET_TASK = 0.05  # ... with task loss at most 5% above unanchored
-IGNORE_INDEX = -100
 
-# Arms: method -> the strengths tried (λ; k for preventative). Axis-free arms are controls.
-# Ordered by promise (DESIGN.md's GPU sweep), so a time budget cuts the expected failures' last seeds first.
+# Arms: name -> (the AnchorConfig fields of the arm at strength s, for a bench b). Axis-free arms are controls.
+ARMS: dict[str, Callable[[float, Bench], dict[str, Any]]] = {
+    "prev+lm": lambda s, b: dict(method=["preventative", "lm_replay"], method_weights=[1.0, s], **b.steering, **b.lm),
+    "preventative": lambda s, b: dict(method=["preventative"], **{**b.steering, "steer_coefficient": s}),
+    "prev+kl": lambda s, b: dict(method=["preventative", "kl"], method_weights=[1.0, s], **b.steering, **b.replay),
+    "lm-replay": lambda s, b: dict(method=["lm_replay"], weight=s, **b.lm),
+    "kl": lambda s, b: dict(method=["kl"], weight=s, **b.replay),
+    "prev+replay": lambda s, b: dict(method=["preventative", "replay"], method_weights=[1.0, s], **b.steering,
+                                     **b.replay, replay_layers=list(range(default_layers(b.axis)[0], b.n_layers))),
+    "replay": lambda s, b: dict(method=["replay"], weight=s, **b.replay),
+    "match": lambda s, b: dict(method=["match"], weight=s),
+    "floor": lambda s, b: dict(method=["floor"], weight=s),
+}
+# The strengths tried when none is given, ordered by promise so a time budget cuts the expected failures first.
 DEFAULT_GRID: dict[str, tuple[float, ...]] = {
-    "preventative+lm": (1.0,),
-    "preventative": (0.01, 0.02),
-    "prev+lm": (1.0,),
-    "prev+kl": (1.0,),
-    "lm-replay": (1.0,),
-    "kl": (1.0,),
-    "replay": (1.0, 10.0),
-    "match": (1.0, 10.0),
-    "floor": (1.0, 10.0),
+    "prev+lm": (1.0,), "preventative": (0.01, 0.02), "prev+kl": (1.0,), "lm-replay": (1.0,), "kl": (1.0,),
+    "replay": (1.0, 10.0), "match": (1.0, 10.0), "floor": (1.0, 10.0),
 }
-CALLBACK_METHODS = ("floor", "match", "replay", "preventative", "preventative+lm")
-# Arms built from ExtraTerm: method -> (term, with preventative steering at k = prev_k on the training batch).
-EXTRA_TERMS: dict[str, tuple[str, bool]] = {
-    "lm-replay": ("lm", False),
-    "kl": ("kl", False),
-    "prev+lm": ("lm", True),
-    "prev+kl": ("kl", True),
-    "prev+replay": ("proj", True),
-}
-METHODS = (*CALLBACK_METHODS, *EXTRA_TERMS)
+METHODS = tuple(ARMS)
 AXIS_FREE = ("lm-replay", "kl")
 QUICK_METHODS = ("preventative:0.02", "replay:10", "lm-replay:1")
 
@@ -128,9 +115,7 @@ class Arm:
     def kind(self) -> str:
         if self.method == "unanchored":
             return "baseline"
-        if self.method in AXIS_FREE:
-            return "control (no axis)"
-        return "experimental" if self.method in EXTRA_TERMS else "callback"
+        return "control (no axis)" if self.method in AXIS_FREE else "axis"
 
 
 def parse_arms(specs: Sequence[str]) -> list[Arm]:
@@ -212,22 +197,16 @@ def encode_sft(tokenizer: Any, messages: list[dict[str, str]]) -> tuple[list[int
 
 
 class Collator:
-    """Right-pads pre-tokenized ``input_ids``/``labels`` (the same on every TRL version)."""
+    """Right-pads pre-tokenized (prompt, completion) rows with the package's one packer; labels mark the completion."""
 
     def __init__(self, pad_id: int):
         self.pad_id = pad_id
 
     def __call__(self, rows: list[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
-        width = max(len(r["input_ids"]) for r in rows)
-        ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
-        labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
-        attention = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, r in enumerate(rows):
-            n = len(r["input_ids"])
-            ids[i, :n] = torch.tensor(r["input_ids"])
-            labels[i, :n] = torch.tensor(r["labels"])
-            attention[i, :n] = 1
-        return {"input_ids": ids, "labels": labels, "attention_mask": attention}
+        ids, attention, completion = pack_answers([r["prompt"] for r in rows], [r["completion"] for r in rows],
+                                                  self.pad_id)
+        return {"input_ids": ids, "labels": torch.where(completion, ids, torch.full_like(ids, IGNORE_INDEX)),
+                "attention_mask": attention}
 
 
 class Bench:
@@ -242,8 +221,7 @@ class Bench:
         self.cfg = cfg
         self.log = log
         self.n_layers = len(decoder_layers(model))
-        self.gap = torch.tensor([axis.default_projection(i) - float(axis.role_projections(i).mean())
-                                 for i in range(axis.n_layers)])
+        self.gap = torch.tensor([axis.gap(i) for i in range(axis.n_layers)])
         self.role_prompts = [prompts[0] for prompts in data.roles.values()]
         if not self.role_prompts:
             raise ValueError("The persona data names no roles (metadata['roles']); the behavioural score needs them.")
@@ -261,21 +239,27 @@ class Bench:
         self.prompts = [encode_prompt(tokenizer, [{"role": "user", "content": t}]) for t in self.texts]
         task = [encode_sft(tokenizer, r["messages"]) for r in data.sft_heldout]
         self.task_prompts, self.task_answers = [p for p, _ in task], [a for _, a in task]
-        rows = []
-        for r in data.sft_train:
-            prompt, completion = encode_sft(tokenizer, r["messages"])
-            rows.append({"input_ids": prompt + completion, "labels": [IGNORE_INDEX] * len(prompt) + completion})
-        self.train_rows = rows
+        self.train_rows = [dict(zip(("prompt", "completion"), encode_sft(tokenizer, r["messages"]), strict=True))
+                           for r in data.sft_train]
         # Default-prompt questions of the training split, answered by the base model (the DPO "rejected" side):
-        # the prompt pool of the experimental replay terms, disjoint from the measurement prompts.
+        # what the replay arms replay, disjoint from the measurement prompts.
         pool: dict[str, str] = {}
         for r in data.dpo_train:
             pool.setdefault(r["prompt"][-1]["content"], r["rejected"][-1]["content"])
-        self.pool_questions = list(pool)
-        self.pool = [(encode_prompt(tokenizer, [{"role": "user", "content": q}]),
-                      list(tokenizer(a, add_special_tokens=False)["input_ids"])) for q, a in pool.items()]
-        if not self.pool:
+        if not pool:
             raise ValueError("The persona data has no default answers to training questions (dpo_train is empty).")
+        self.pool_questions = list(pool)
+        self._workdir = tempfile.TemporaryDirectory(prefix="bench-drift-pool-")
+        pool_file = Path(self._workdir.name) / "lm_replay.jsonl"
+        atomic_write_text(pool_file, "".join(json.dumps({"messages": [{"role": "user", "content": q},
+                                                                       {"role": "assistant", "content": a}]}) + "\n"
+                                             for q, a in pool.items()))
+        # The configuration blocks the arms are built from (ARMS).
+        self.steering = {"layers": cfg.steer_layers or steer_band(self.n_layers), "steer_coefficient": cfg.prev_k}
+        self.lm = {"lm_replay_data": str(pool_file), "replay_batch_size": cfg.replay_batch_size}
+        self.replay = {"replay_questions": self.pool_questions, "replay_batch_size": cfg.replay_batch_size,
+                       "replay_refresh_steps": cfg.replay_refresh_steps,
+                       "replay_max_new_tokens": cfg.replay_max_new_tokens}
         start = time.perf_counter()
         self.base_measure = self.measure(self.base)
         self.log(f"base model measured on {len(self.prompts)} prompts in {time.perf_counter() - start:.1f}s")
@@ -294,161 +278,20 @@ class Bench:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Experimental terms (the arms the callback cannot express yet)
-# ---------------------------------------------------------------------------------------------------------------
-
-
-class ExtraTerm:
-    """A per-step loss added to the SFT loss, on a default-prompt batch from the training questions.
-
-    * ``lm``: ordinary LM loss on the base model's own answers (a fixed batch drawn anew every step).
-    * ``kl``: KL(base ‖ model) over the answer positions of the model's own sampled answers.
-    * ``proj``: squared distance, in default-to-role gaps, of the model's answer-token projections from the base
-      model's on the same tokens, averaged over ``layers`` (on-policy projection replay).
-
-    On-policy answers (``kl``, ``proj``) are re-sampled from the current model every ``refresh`` steps.
-    ``steer`` adds preventative steering (``steering_vector``) to the training batch's forward only.
-    """
-
-    def __init__(self, bench: Bench, kind: str, weight: float, seed: int, steer: dict[int, torch.Tensor] | None,
-                 layers: Sequence[int] = ()):
-        self.bench, self.kind, self.weight, self.seed = bench, kind, weight, seed
-        self.steer = steer or {}
-        self.layers = list(layers)
-        self.rng = random.Random(f"bench-drift-extra-{seed}")
-        self.prompts = [p for p, _ in self.rng.sample(bench.pool, min(bench.cfg.replay_batch_size, len(bench.pool)))]
-        self.batch: dict[str, torch.Tensor] | None = None
-        self.step = 0
-
-    def steering(self, model: nn.Module) -> LayerHooks | None:
-        if not self.steer:
-            return None
-
-        def add(layer: int, hidden: torch.Tensor) -> torch.Tensor:
-            return hidden + self.steer[layer].to(device=hidden.device, dtype=hidden.dtype)
-
-        return LayerHooks(model, sorted(self.steer), add)
-
-    def _refresh(self, model: nn.Module) -> None:
-        bench, cfg = self.bench, self.bench.cfg
-        device = next(model.parameters()).device
-        if self.kind == "lm":
-            pairs = self.rng.sample(bench.pool, min(cfg.replay_batch_size, len(bench.pool)))
-            ids, attention, answer = pack_answers([p for p, _ in pairs], [a for _, a in pairs], bench.tok.pad_token_id)
-            self.batch = {"input_ids": ids, "attention_mask": attention, "answer": answer}
-        elif self.batch is None or self.step % cfg.replay_refresh_steps == 0:
-            answers = generate_answers(unwrap(model), bench.tok, self.prompts, cfg.replay_max_new_tokens,
-                                       cfg.replay_batch_size, sample=True, seed=self.seed * 100_003 + self.step)
-            answers = [a or [bench.tok.eos_token_id] for a in answers]
-            ids, attention, answer = pack_answers(self.prompts, answers, bench.tok.pad_token_id)
-            self.batch = {"input_ids": ids, "attention_mask": attention, "answer": answer}
-            with torch.no_grad():
-                if self.kind == "kl":
-                    logits = bench.base(input_ids=ids.to(device), attention_mask=attention.to(device)).logits
-                    self.batch["ref"] = F.log_softmax(logits[:, :-1].float(), dim=-1)
-                else:
-                    self.batch.update({f"ref.{i}": v for i, v in self._projections(bench.base, ids, attention).items()})
-        self.batch = {k: v.to(device) for k, v in self.batch.items()}
-
-    def _projections(self, model: nn.Module, ids: torch.Tensor, attention: torch.Tensor) -> dict[int, torch.Tensor]:
-        unit = self.bench.axis.unit
-        store: dict[int, torch.Tensor] = {}
-
-        def read(layer: int, hidden: torch.Tensor) -> None:
-            store[layer] = hidden.float() @ unit[layer].to(hidden.device)
-
-        device = next(model.parameters()).device
-        with LayerHooks(model, self.layers, read):
-            model(input_ids=ids.to(device), attention_mask=attention.to(device), use_cache=False)
-        return store
-
-    def loss(self, model: nn.Module) -> torch.Tensor:
-        """λ × the term on this step's batch (with gradients)."""
-        self._refresh(model)
-        self.step += 1
-        b = self.batch
-        if self.kind == "lm":
-            labels = torch.where(b["answer"], b["input_ids"], torch.full_like(b["input_ids"], IGNORE_INDEX))
-            out = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], labels=labels, use_cache=False)
-            return self.weight * out.loss
-        mask = b["answer"]
-        if self.kind == "kl":
-            logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], use_cache=False).logits
-            logp = F.log_softmax(logits[:, :-1].float(), dim=-1)
-            ref = b["ref"]
-            kl = (ref.exp() * (ref - logp)).sum(dim=-1)  # [N, T-1]: position t predicts token t+1
-            m = mask[:, 1:].float()
-            return self.weight * ((kl * m).sum(dim=1) / m.sum(dim=1).clamp(min=1)).mean()
-        proj = self._projections(model, b["input_ids"], b["attention_mask"])
-        gap = self.bench.gap
-        terms = [match_penalty(proj[i], b[f"ref.{i}"], float(gap[i]), mask) for i in self.layers]
-        return self.weight * torch.stack(terms).mean()
-
-
-def _drift_trainer_class() -> type:
-    """``SFTTrainer`` that adds an :class:`ExtraTerm` (and its training-only steering) to every step's loss."""
-    from trl import SFTTrainer
-
-    class DriftTrainer(SFTTrainer):
-        def __init__(self, *args: Any, extra: ExtraTerm | None = None, **kwargs: Any):
-            super().__init__(*args, **kwargs)
-            self.extra = extra
-
-        def compute_loss(self, model: nn.Module, inputs: dict, return_outputs: bool = False,
-                         num_items_in_batch: Any = None) -> Any:
-            if self.extra is None:
-                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-            steering = self.extra.steering(model)
-            try:
-                result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-            finally:
-                if steering is not None:
-                    steering.detach()
-            loss, outputs = result if return_outputs else (result, None)
-            loss = loss + self.extra.loss(model)
-            return (loss, outputs) if return_outputs else loss
-
-    return DriftTrainer
-
-
-# ---------------------------------------------------------------------------------------------------------------
 # One run
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _callback(bench: Bench, arm: Arm) -> AnchorCallback:
-    cfg = bench.cfg
-    common = dict(replay_batch_size=cfg.replay_batch_size, replay_refresh_steps=cfg.replay_refresh_steps,
-                  replay_max_new_tokens=cfg.replay_max_new_tokens, probe_every=0)
-    if arm.method == "preventative":
-        config = AnchorConfig(method="preventative", weight=1.0, steer_coefficient=arm.strength,
-                              layers=cfg.steer_layers or steer_band(bench.n_layers), **common)
-    elif arm.method == "preventative+lm":  # the shipped form of prev+lm: replay questions from the training split
-        config = AnchorConfig(method="preventative", weight=1.0, steer_coefficient=cfg.prev_k,
-                              layers=cfg.steer_layers or steer_band(bench.n_layers), lm_replay_weight=arm.strength,
-                              replay_questions=bench.pool_questions, lm_replay_pool=len(bench.pool_questions),
-                              **common)
-    else:
-        config = AnchorConfig(method=arm.method, weight=arm.strength, **common)
-    return AnchorCallback(config, axis=bench.axis)
-
-
-def _extra(bench: Bench, arm: Arm, seed: int) -> ExtraTerm | None:
-    if arm.method not in EXTRA_TERMS:
-        return None
-    kind, steered = EXTRA_TERMS[arm.method]
-    axis, cfg = bench.axis, bench.cfg
-    steer = ({i: steering_vector(axis, i, cfg.prev_k) for i in (cfg.steer_layers or steer_band(bench.n_layers))}
-             if steered else None)
-    layers = range(default_layers(axis)[0], bench.n_layers) if kind == "proj" else ()  # the callback's replay band
-    return ExtraTerm(bench, kind, arm.strength, seed, steer, layers)
+def arm_config(bench: Bench, arm: Arm) -> AnchorConfig:
+    """The public configuration of ``arm``: what a user would write to run it."""
+    return AnchorConfig(probe_every=0, **ARMS[arm.method](arm.strength, bench))
 
 
 def train_arm(bench: Bench, arm: Arm, seed: int) -> tuple[nn.Module, float, list[dict[str, float]]]:
     """Fine-tune a fresh copy of the base model under ``arm``: (model, final training loss, the callback's logs)."""
     from datasets import Dataset
     from transformers import PrinterCallback
-    from trl import SFTConfig
+    from trl import SFTConfig, SFTTrainer
 
     cfg = bench.cfg
     model = copy.deepcopy(bench.base).requires_grad_(True).train()
@@ -462,10 +305,10 @@ def train_arm(bench: Bench, arm: Arm, seed: int) -> tuple[nn.Module, float, list
             dataloader_num_workers=0, gradient_checkpointing=False, bf16=cfg.dtype == "bf16",
             use_cpu=cfg.device == "cpu", remove_unused_columns=False, dataset_kwargs={"skip_prepare_dataset": True},
         )
-        callbacks = [_callback(bench, arm)] if arm.method in CALLBACK_METHODS else []
-        trainer = _drift_trainer_class()(
-            model=model, args=args, train_dataset=Dataset.from_list(bench.train_rows), processing_class=bench.tok,
-            data_collator=Collator(bench.tok.pad_token_id), callbacks=callbacks, extra=_extra(bench, arm, seed))
+        trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(bench.train_rows),
+                             processing_class=bench.tok, data_collator=Collator(bench.tok.pad_token_id))
+        if arm.method != "unanchored":
+            AnchorCallback(arm_config(bench, arm), axis=bench.axis).attach(trainer)
         trainer.remove_callback(PrinterCallback)  # the benchmark prints its own one line per run
         trainer.train()
         history = trainer.state.log_history
@@ -695,7 +538,7 @@ def plot(report: dict[str, Any], path: Path) -> None:
         y = torch.tensor(a["proj_drift_gaps"])
         s = torch.tensor(a["proj_drift_sem"]).nan_to_num(0.0)
         x = range(len(y))
-        style = "-" if a["kind"] in ("baseline", "callback") else "--"
+        style = "-" if a["kind"] in ("baseline", "axis") else "--"
         line, = ax.plot(x, y, style, label=a["arm"], lw=2.2 if a["method"] == "unanchored" else 1.4)
         ax.fill_between(x, y - s, y + s, color=line.get_color(), alpha=0.15)
     ax.axhline(0, color="k", lw=0.8)
@@ -870,7 +713,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "config": cfg.to_json(),
         "data": {"roles": list(data.roles), "n_train": len(data.sft_train), "n_task": len(data.sft_heldout),
                  "n_heldout_questions": len(data.drift_questions), "n_probes": bench.sources.count("probe"),
-                 "n_measure": len(bench.prompts), "replay_pool": len(bench.pool)},
+                 "n_measure": len(bench.prompts), "replay_pool": len(bench.pool_questions)},
         "target": {"ratio": TARGET_RATIO, "task_loss_increase": TARGET_TASK},
     }
     name = f"bench_drift_{device_slug(cfg.device)}" + (f"_{cfg.tag}" if cfg.tag else "")

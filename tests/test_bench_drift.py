@@ -54,8 +54,8 @@ def _bench(tiny_tokenizer, tiny_axis, tiny_data, cfg):
 def test_arms_expand_to_the_default_grid_or_the_given_strength():
     arms = bd.parse_arms(["floor", "replay:3", "kl"])
     assert [a.name for a in arms] == ["unanchored", "floor:1", "floor:10", "replay:3", "kl:1"]
-    assert [a.kind for a in arms] == ["baseline", "callback", "callback", "callback", "control (no axis)"]
-    assert bd.Arm("prev+replay", 10).kind == "experimental"
+    assert [a.kind for a in arms] == ["baseline", "axis", "axis", "axis", "control (no axis)"]
+    assert bd.Arm("prev+replay", 10).kind == "axis"
     with pytest.raises(ValueError, match="Unknown method 'flor'"):
         bd.parse_arms(["flor"])
 
@@ -86,26 +86,22 @@ def test_measuring_the_base_model_again_gives_exactly_zero_drift(tiny_tokenizer,
     assert len(bench.prompts) == len(tiny_data.drift_questions) + 4
 
 
-@pytest.mark.parametrize("kind", ["kl", "proj"])
-def test_on_policy_terms_vanish_at_the_base_model_and_grow_once_it_moves(tiny_tokenizer, tiny_axis, tiny_data,
-                                                                         tmp_path, kind):
+def test_every_arm_is_a_line_of_public_configuration(tiny_tokenizer, tiny_axis, tiny_data, tmp_path):
+    """Each arm builds an AnchorConfig (no private terms); the composed arms carry both methods and their weights."""
     bench = _bench(tiny_tokenizer, tiny_axis, tiny_data, _config(tmp_path, []))
-    term = bd.ExtraTerm(bench, kind, 1.0, seed=0, steer=None, layers=[2, 3])
-    policy = copy.deepcopy(bench.base).requires_grad_(True).train()
-    assert float(term.loss(policy).detach()) == pytest.approx(0.0, abs=1e-6)
-    with torch.no_grad():
-        for p in policy.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    moved = term.loss(policy)
-    assert float(moved.detach()) > 1e-4
-    moved.backward()
-    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in policy.parameters())
+    for method in bd.ARMS:
+        config = bd.arm_config(bench, bd.Arm(method, 0.5))
+        assert isinstance(config, bd.AnchorConfig) and config.probe_every == 0
+    prev_lm = bd.arm_config(bench, bd.Arm("prev+lm", 0.5))
+    assert prev_lm.method == ["preventative", "lm_replay"] and prev_lm.weights() == {"preventative": 1.0,
+                                                                                     "lm_replay": 0.5}
+    assert prev_lm.steer_coefficient == bench.cfg.prev_k and prev_lm.lm_replay_data  # the data's default answers
 
 
 @pytest.mark.slow
 def test_a_short_run_of_every_kind_of_arm_writes_complete_results(tiny_tokenizer, tiny_axis, tiny_data, tmp_path):
-    methods = ["floor:1", "lm-replay:1", "kl:1", "prev+replay:1", "preventative+lm:1"]  # callback, LM, KL, steering
-    # + projection, the callback's steering + LM replay
+    methods = ["floor:1", "lm-replay:1", "kl:1", "prev+replay:1", "prev+lm:1"]  # a penalty, both controls, and
+    # steering composed with projection replay and with LM replay
     cfg = _config(tmp_path, methods)
     bench = _bench(tiny_tokenizer, tiny_axis, tiny_data, cfg)
     meta = {"device": "cpu", "model": "tiny", "config": cfg.to_json(),
