@@ -12,6 +12,8 @@ and one wandb run per training run, across resumes.
   resumed from a checkpoint reuses it (``WANDB_RUN_ID`` with ``WANDB_RESUME=allow``): online, wandb continues the
   same run; offline, each part is written under the same id and ``wandb sync`` of all parts uploads them, in order,
   as that one run.
+* **Several runs in one process** (``--compare``) each get their own id and directory: wandb reads its environment
+  once per process, so a finished run's wandb setup is torn down before the next run's variables are set.
 * **A kill loses seconds, not the run.** wandb writes a run's data to its ``.wandb`` file every 15 s by default,
   so a run killed early kept only the file's header; anchor flushes every :data:`FLUSH_INTERVAL_S` seconds.
 
@@ -27,6 +29,7 @@ import netrc
 import os
 import secrets
 import string
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from urllib.parse import urlparse
@@ -93,6 +96,11 @@ def configure_wandb(output_dir: str | os.PathLike, report_to: str | Sequence[str
     """
     if not wants_wandb(report_to) or os.environ.get("RANK", "0") != "0":  # only rank 0 logs; only it keeps the id
         return None
+    wandb = sys.modules.get("wandb")  # imported only if something in this process already used it
+    if wandb is not None and wandb.run is not None:
+        return f"wandb: logging to the run already started in this process ({wandb.run.id}); nothing changed."
+    if wandb is not None:
+        wandb.teardown()  # wandb reads its environment once per process: forget it, so this run's variables count
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     if not _user_set("WANDB_MODE"):

@@ -161,12 +161,33 @@ def test_wandb_login_or_a_users_mode_is_respected(clean_wandb_env, tmp_path, mon
     assert tracking.configure_wandb(tmp_path / "e", "wandb") is None and not (tmp_path / "e").exists()
 
 
+_TWO_RUNS = textwrap.dedent("""
+    import sys
+    from pathlib import Path
+    import wandb
+    from anchor.tracking import configure_wandb
+
+    for name in ("twin", "run"):  # what --compare does: two trainings, one process
+        configure_wandb(Path(sys.argv[1]) / name, ["wandb"])
+        run = wandb.init(project="anchor-test")
+        print(name, run.id, run.dir)
+        run.finish()
+""")
+
+
 def test_two_runs_in_one_process_get_their_own_ids_and_dirs(clean_wandb_env, tmp_path):
-    """--compare trains twice in one process: the second run must not take the first's id for the user's."""
-    tracking.configure_wandb(tmp_path / "twin", ["wandb"])
-    first = os.environ["WANDB_RUN_ID"]
-    tracking.configure_wandb(tmp_path / "run", ["wandb"])
-    assert os.environ["WANDB_RUN_ID"] != first and os.environ["WANDB_DIR"] == str(tmp_path / "run")
+    """--compare trains twice in one process: the second run must not reuse the first's wandb id or directory."""
+    pytest.importorskip("wandb")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")} | {
+        "NETRC": str(clean_wandb_env), "WANDB_SILENT": "true", "PYTHONPATH": str(ROOT)}
+    done = subprocess.run([sys.executable, "-c", _TWO_RUNS, str(tmp_path)], env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    runs = dict(line.split(" ", 1) for line in done.stdout.splitlines() if line.startswith(("twin ", "run ")))
+    for name, (run_id, run_dir) in {k: v.split() for k, v in runs.items()}.items():
+        assert (tmp_path / name / tracking.RUN_ID_FILE).read_text().strip() == run_id
+        assert Path(run_dir).is_relative_to(tmp_path / name / "wandb")
+    assert runs["twin"].split()[0] != runs["run"].split()[0]
 
 
 _PART = textwrap.dedent("""
