@@ -110,7 +110,7 @@ def test_config_refuses_bad_values(bad):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["floor", "preventative"])
+@pytest.mark.parametrize("method", ["floor", "match", "replay", "preventative", "kl"])
 def test_weight_zero_is_bit_identical_to_no_callback(tiny_tokenizer, tiny_axis, tmp_path, method, probe_file):
     config = AnchorConfig(layers=LAYERS, method=[method, "lm_replay"], weight=0.0, probe_every=2,
                           probe_mode="generated", probe_max_new_tokens=6, steer_coefficient=3.0, probe_file=probe_file,
@@ -125,8 +125,11 @@ def test_weight_zero_is_bit_identical_to_no_callback(tiny_tokenizer, tiny_axis, 
     assert any("anchor/probe_drift" in h for h in anchored.state.log_history)  # probes ran and sampled
 
 
-def test_gradient_accumulation_invariance(tiny_tokenizer, tiny_axis, tmp_path):
-    config = AnchorConfig(layers=LAYERS, weight=5.0, floor_percentile=90)
+@pytest.mark.parametrize("methods", [["floor"], ["match"], ["replay"], ["preventative"], ["lm_replay"], ["kl"],
+                                     ["preventative", "lm_replay"]], ids="+".join)
+def test_gradient_accumulation_invariance(tiny_tokenizer, tiny_axis, tmp_path, methods):
+    config = AnchorConfig(layers=LAYERS, method=methods, weight=5.0, floor_percentile=90, steer_coefficient=2.0,
+                          replay_batch_size=2, replay_max_new_tokens=4, replay_refresh_steps=2, lm_replay_pool=4)
     common = dict(max_steps=3, optim="sgd", learning_rate=0.5, gradient_checkpointing=False)
     split = _sft(tiny_tokenizer, tmp_path / "split", [AnchorCallback(config, axis=tiny_axis)],
                  per_device_train_batch_size=2, gradient_accumulation_steps=2, **common)
@@ -146,7 +149,9 @@ def test_gradient_accumulation_invariance(tiny_tokenizer, tiny_axis, tmp_path):
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def test_dpo_peft_reference_pass_is_excluded(tiny_tokenizer, tiny_axis, tmp_path, monkeypatch, probe_file):
+@pytest.mark.parametrize("methods", [["floor"], ["match"], ["replay"], ["preventative"], ["lm_replay"], ["kl"],
+                                     ["preventative", "lm_replay"]], ids="+".join)
+def test_dpo_peft_reference_pass_is_excluded(tiny_tokenizer, tiny_axis, tmp_path, monkeypatch, probe_file, methods):
     from peft import LoraConfig
     from trl import DPOConfig, DPOTrainer
 
@@ -161,16 +166,21 @@ def test_dpo_peft_reference_pass_is_excluded(tiny_tokenizer, tiny_axis, tmp_path
     model = make_tiny_model(tiny_tokenizer)
     model.register_forward_pre_hook(lambda *_: forwards.append(1))
     steps = 2
-    callback = AnchorCallback(AnchorConfig(layers=LAYERS, weight=1.0, probe_every=2, probe_max_new_tokens=6,
-                                           probe_far_roles=2, probe_file=probe_file), axis=tiny_axis)
+    callback = AnchorCallback(AnchorConfig(layers=LAYERS, method=methods, weight=1.0, probe_every=2,
+                                           probe_max_new_tokens=6, probe_far_roles=2, probe_file=probe_file,
+                                           replay_batch_size=2, replay_max_new_tokens=4, lm_replay_pool=4),
+                              axis=tiny_axis)
     trainer = DPOTrainer(model=model, ref_model=None, args=DPOConfig(**_common(tmp_path, max_steps=steps)),
                          train_dataset=_dpo_data(), processing_class=tiny_tokenizer, callbacks=[callback],
                          peft_config=LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
     trainer.train()
-    assert penalised == [(layer, False) for _ in range(steps) for layer in LAYERS]  # policy passes only, once each
+    hooked = sorted(set(LAYERS).union(*callback.anchor.method_layers.values()))
+    assert penalised == [(layer, False) for _ in range(steps) for layer in hooked]  # policy passes only, once each
     assert len(forwards) >= 2 * steps  # the reference pass did run through the hooked model
     logs = _anchor_logs(trainer)
-    assert [h["step"] for h in logs] == [1, 2] and all("anchor/penalty" in h for h in logs)
+    assert [h["step"] for h in logs] == [1, 2] and all("anchor/proj/layer_1" in h for h in logs)
+    penalty = "penalty" if {"floor", "match"} & set(methods) else None
+    assert penalty is None or all(f"anchor/{penalty}" in h for h in logs)
     assert "anchor/role_likeness" in logs[-1] and "anchor/probe_drift/emotional" in logs[-1]
 
 
@@ -182,7 +192,8 @@ ON_THE_FLY = dict(axis_n_roles=2, axis_n_questions=2, axis_max_new_tokens=4, axi
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("method", "lm_replay_weight"), [("floor", 0.0), ("replay", 0.0), ("preventative", 1.0)])
+@pytest.mark.parametrize(("method", "lm_replay_weight"), [("floor", 0.0), ("replay", 0.0), ("preventative", 1.0),
+                                                        ("match", 0.0), ("kl", 0.0)])
 def test_resume_is_bit_exact_and_never_recomputes_the_axis(tiny_tokenizer, tmp_path, monkeypatch, method,
                                                             lm_replay_weight, probe_file):
     monkeypatch.setenv("ANCHOR_CACHE", str(tmp_path / "cache"))

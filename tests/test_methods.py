@@ -1,0 +1,235 @@
+"""The method registry: a method from outside the package, composition, each method's exact maths, old checkpoints."""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+from types import SimpleNamespace
+from typing import ClassVar
+
+import pytest
+import torch
+from datasets import Dataset
+from safetensors.torch import save_file
+
+from anchor.callback import AnchorCallback, AnchorConfig
+from anchor.engine import Anchor
+from anchor.methods import AnchorMethod, available_methods, register_method
+from anchor.reference import Reference
+from anchor.state import load_state
+from tests.conftest import make_tiny_model
+
+LAYERS = [1, 2]
+CHECKPOINTING = {"none": None, "reentrant": True, "non_reentrant": False}
+
+
+@register_method
+class HiddenNorm(AnchorMethod):
+    """A toy method written outside the package: penalise the mean squared norm of the hidden state."""
+
+    name = "toy_hidden_norm"
+    calls: ClassVar[list[str]] = []
+
+    def start_step(self, engine: Anchor, step: int) -> None:
+        HiddenNorm.calls.append(f"step {step}")
+
+    def penalty(self, engine: Anchor, layer: int, proj: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return (proj ** 2 * mask).sum() / mask.sum().clamp(min=1)
+
+
+def _sft_data(n: int = 8) -> Dataset:
+    return Dataset.from_list([{"messages": [{"role": "user", "content": f"Is Paris in France? {i}"},
+                                            {"role": "assistant", "content": "Yes, it is. " * (1 + i % 3)}]}
+                              for i in range(n)])
+
+
+def _trainer(tokenizer, tmp_path, callbacks, **overrides):
+    from trl import SFTConfig, SFTTrainer
+
+    args = dict(output_dir=str(tmp_path / "out"), max_steps=3, per_device_train_batch_size=2, learning_rate=1e-2,
+                logging_steps=1, report_to="none", use_cpu=True, save_strategy="no", dataloader_num_workers=0,
+                disable_tqdm=True, seed=0, bf16=False, optim="sgd")
+    args.update(overrides)
+    return SFTTrainer(model=make_tiny_model(tokenizer), args=SFTConfig(**args), train_dataset=_sft_data(),
+                      processing_class=tokenizer, callbacks=callbacks)
+
+
+def _flat(model: torch.nn.Module) -> torch.Tensor:
+    return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+
+def test_a_method_from_outside_the_package_trains_and_composes(tiny_tokenizer, tiny_axis, tmp_path):
+    assert "toy_hidden_norm" in available_methods()
+    HiddenNorm.calls.clear()
+    callback = AnchorCallback(AnchorConfig(layers=LAYERS, method=["toy_hidden_norm", "preventative"],
+                                           method_weights=[0.5, 1.0]), axis=tiny_axis)
+    trainer = _trainer(tiny_tokenizer, tmp_path / "toy", [])
+    callback.attach(trainer)
+    assert trainer.callback_handler.callbacks[0] is callback  # ahead of the reporters
+    trainer.train()
+    plain = _trainer(tiny_tokenizer, tmp_path / "plain", None)
+    plain.train()
+    assert HiddenNorm.calls == ["step 0", "step 1", "step 2"]
+    assert [m.name for m in callback.anchor.methods] == ["toy_hidden_norm", "preventative"]
+    assert all("anchor/penalty" in h for h in trainer.state.log_history if "loss" in h)
+    assert not torch.equal(_flat(trainer.model), _flat(plain.model))
+
+
+def test_registering_a_taken_name_or_a_non_method_is_refused():
+    with pytest.raises(ValueError, match="already registered"):
+        register_method(type("Floor", (AnchorMethod,), {"name": "floor"}))
+    with pytest.raises(TypeError, match="subclass"):
+        register_method(type("NotAMethod", (), {"name": "x"}))
+
+
+def test_a_setting_no_chosen_method_reads_is_named(caplog):
+    with caplog.at_level(logging.WARNING, logger="anchor.config"):
+        AnchorConfig(method=["floor"], steer_coefficient=0.5, replay_batch_size=3)
+    assert "steer_coefficient=0.5 has no effect" in caplog.text and "replay_batch_size=3" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="anchor.config"):
+        AnchorConfig(method="preventative+lm_replay", steer_coefficient=0.5, replay_batch_size=3)
+    assert caplog.text == ""
+
+
+def _answers(vocab: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(11)
+    ids = torch.randint(0, vocab, (2, 10), generator=g)
+    attention = torch.ones_like(ids)
+    attention[1, 8:] = 0
+    answer = torch.zeros_like(ids, dtype=torch.bool)
+    answer[0, 4:] = True
+    answer[1, 5:8] = True
+    return ids, attention, answer
+
+
+def _batch(vocab: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, vocab, (3, 12), generator=g)
+    labels = ids.clone()
+    labels[:, :4] = -100
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+
+
+def _perturb(model: torch.nn.Module) -> None:
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.05)
+
+
+def _kl(policy: torch.nn.Module, frozen: torch.nn.Module, ids, attention, answer) -> torch.Tensor:
+    with torch.no_grad():
+        ref = torch.log_softmax(frozen(input_ids=ids, attention_mask=attention).logits[:, :-1].float(), dim=-1)
+    logp = torch.log_softmax(policy(input_ids=ids, attention_mask=attention).logits[:, :-1].float(), dim=-1)
+    kl = (ref.exp() * (ref - logp)).sum(dim=-1)
+    m = answer[:, 1:].float()
+    return ((kl * m).sum(dim=1) / m.sum(dim=1).clamp(min=1)).mean()
+
+
+@pytest.mark.parametrize("checkpointing", list(CHECKPOINTING))
+def test_kl_gradient_equals_the_explicit_kl_to_the_base_model(tiny_tokenizer, tiny_axis, checkpointing):
+    batch, weight = _batch(len(tiny_tokenizer)), 0.8
+    ids, attention, answer = _answers(len(tiny_tokenizer))
+
+    def model_with(mode):
+        model = make_tiny_model(tiny_tokenizer).train()
+        if mode is not None:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": mode})
+        return model
+
+    model = model_with(CHECKPOINTING[checkpointing])
+    anchor = Anchor(model, tiny_axis, "kl", LAYERS, weight, reference=Reference(model))
+    anchor.method("kl").set_batch(ids, attention, answer, step=0)
+    anchor.start_step(0)
+    model(**batch)
+    assert anchor.pop_metrics()["kl"][0].item() == pytest.approx(0.0, abs=1e-7)  # still the base model
+    _perturb(model)
+    model.zero_grad()
+    anchor.start_step(1)
+    model(**batch).loss.backward()
+    injected = torch.cat([p.grad.flatten() for p in model.parameters()])
+    anchor.detach()
+
+    model = model_with(CHECKPOINTING[checkpointing])
+    frozen = make_tiny_model(tiny_tokenizer).eval()
+    _perturb(model)
+    explicit_kl = _kl(model, frozen, ids, attention, answer)
+    assert float(explicit_kl.detach()) > 1e-4
+    (model(**batch).loss + weight * explicit_kl).backward()
+    explicit = torch.cat([p.grad.flatten() for p in model.parameters()])
+    assert float((injected - explicit).norm() / explicit.norm()) <= 1e-6
+
+
+@pytest.mark.parametrize("method", ["kl", "replay"])
+def test_on_policy_methods_sample_the_model_and_vanish_at_the_base(tiny_tokenizer, tiny_axis, method):
+    """On-policy terms re-sample the current model's answers when due, are 0 while it is the base, and grow after."""
+    from anchor.methods import RunContext
+
+    model = make_tiny_model(tiny_tokenizer).train()
+    anchor = Anchor(model, tiny_axis, method, LAYERS, 1.0, reference=Reference(model), replay_batch_size=2,
+                    replay_max_new_tokens=5, replay_refresh_steps=2)
+    anchor.setup(RunContext(model=model, tokenizer=tiny_tokenizer, seed=0))
+    metric = "kl" if method == "kl" else "replay_penalty"
+    anchor.start_step(0)
+    model(**_batch(len(tiny_tokenizer)))
+    assert anchor.pop_metrics()[metric][0].item() == pytest.approx(0.0, abs=1e-6)
+    sampled = anchor.method(method).state_dict()[0]["input_ids"].clone()
+    _perturb(model)
+    anchor.start_step(1)  # not due: the same answers
+    assert torch.equal(anchor.method(method).state_dict()[0]["input_ids"], sampled)
+    model(**_batch(len(tiny_tokenizer))).loss.backward()
+    assert anchor.pop_metrics()[metric][0].item() > 1e-5
+    anchor.start_step(2)  # due: the moved model answers again
+    assert anchor.method(method).state_dict()[1]["step"] == 2
+    anchor.detach()
+
+
+def test_a_checkpoint_of_the_previous_format_is_read_as_the_same_composition(tiny_axis, tmp_path):
+    """Format 1 (one method + lm_replay_weight) becomes method [m, lm_replay] with the same weights and state."""
+    directory = tmp_path / "anchor"
+    tiny_axis.save_pretrained(directory)
+    config = {**AnchorConfig().__dict__, "method": "preventative", "lm_replay_weight": 2.0}
+    config.pop("method_weights")
+    config.pop("lm_replay_data")
+    meta = {"format": 1, "step": 4, "config": config, "layers": LAYERS, "tau": {"1": 0.5, "2": 0.25},
+            "probes": {"domains": ["meta"], "texts": ["Who are you?"], "prompts": [[1, 2]], "answers": [[3]]},
+            "replay_step": 3}
+    pool = {"lm_pool.input_ids": torch.ones(2, 3, dtype=torch.long), "lm_pool.attention_mask": torch.ones(2, 3),
+            "lm_pool.answer_mask": torch.ones(2, 3), "probe_baseline": torch.zeros(1, 4)}
+    save_file(pool, str(directory / "anchor_state.safetensors"))
+    (directory / "anchor_state.json").write_text(json.dumps(meta))
+    state = load_state(directory)
+    assert state.config["method"] == ["preventative", "lm_replay"] and state.config["method_weights"] == [1.0, 2.0]
+    assert set(state.method_tensors()) == {"method.lm_replay.pool.input_ids", "method.lm_replay.pool.attention_mask",
+                                           "method.lm_replay.pool.answer_mask"}
+    assert set(state.probe_tensors()) == {"probe_baseline"} and state.tau == {1: 0.5, 2: 0.25}
+    resumed = AnchorConfig(**{k: v for k, v in state.config.items()})
+    assert resumed.weights() == {"preventative": 1.0, "lm_replay": 2.0}
+
+
+@pytest.mark.parametrize("name", ["GRPOTrainer", "RLOOTrainer"])
+def test_online_rl_trainers_are_refused_with_the_reason(tiny_tokenizer, tiny_axis, name):
+    callback = AnchorCallback(AnchorConfig(layers=LAYERS), axis=tiny_axis)
+    callback.trainer = type(name, (), {})()
+    with pytest.raises(ValueError, match=f"cannot anchor {name}: it samples completions"):
+        callback.on_train_begin(SimpleNamespace(), SimpleNamespace(global_step=0), SimpleNamespace(),
+                                model=make_tiny_model(tiny_tokenizer))
+
+
+def test_kto_trains_with_the_anchor(tiny_tokenizer, tiny_axis, tmp_path):
+    from trl import KTOConfig, KTOTrainer
+
+    rows = [{"prompt": [{"role": "user", "content": f"Name a colour {i}"}],
+             "completion": [{"role": "assistant", "content": "Blue." if i % 2 else "No " * 3}],
+             "label": bool(i % 2)} for i in range(8)]
+    callback = AnchorCallback(AnchorConfig(layers=LAYERS, method="floor", floor_percentile=90), axis=tiny_axis)
+    args = KTOConfig(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=4, logging_steps=1,
+                     report_to="none", use_cpu=True, save_strategy="no", bf16=False, disable_tqdm=True)
+    model = make_tiny_model(tiny_tokenizer)
+    trainer = KTOTrainer(model=model, ref_model=copy.deepcopy(model), args=args, train_dataset=Dataset.from_list(rows),
+                         processing_class=tiny_tokenizer, callbacks=[callback])
+    trainer.train()
+    logs = [h for h in trainer.state.log_history if "anchor/penalty" in h]
+    assert [h["step"] for h in logs] == [1, 2] and all(h["anchor/penalty"] > 0 for h in logs)
