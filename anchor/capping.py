@@ -21,6 +21,7 @@ computed from capped states), with left-padded batches, with PEFT-wrapped models
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
@@ -138,12 +139,28 @@ class Cap(_Intervention):
 
 
 class Steer(_Intervention):
-    """An attached constant push along the axis; ``shift[layer]`` is the added projection at each layer."""
+    """An attached constant push along the axis; ``shift[layer]`` is the added projection at each layer.
 
-    def __init__(self, model: nn.Module | None, axis: AssistantAxis, coeff: float, layers: list[int]):
+    By default the push at each layer is ``coeff · residual_norm[l] · v̂_l``. ``cumulative=True`` adds the raw axis
+    layer-incrementally instead: ``coeff · (axis[l] − axis[previous layer])`` at each layer (0 before the first), so the
+    total push the residual stream carries at layer ``l`` is ``coeff · axis[l]``, ``coeff`` default-to-role gaps,
+    and pushes at consecutive layers do not pile up (persona vectors' multi-layer steering, arXiv 2507.21509 App.
+    J.3).
+    """
+
+    def __init__(self, model: nn.Module | None, axis: AssistantAxis, coeff: float, layers: list[int],
+                 cumulative: bool = False):
         self.coeff = float(coeff)
-        self.shift = {i: self.coeff * float(axis.residual_norm[i]) for i in layers}
-        super().__init__(model, axis, {i: axis.unit[i].float() * self.shift[i] for i in layers})
+        self.cumulative = cumulative
+        if cumulative:
+            raw, order = axis.axis.float(), sorted(layers)
+            previous = {i: raw[j] for j, i in itertools.pairwise(order)}
+            vectors = {i: self.coeff * (raw[i] - previous.get(i, 0.0)) for i in layers}
+            self.shift = {i: float(v @ axis.unit[i].float()) for i, v in vectors.items()}
+        else:
+            self.shift = {i: self.coeff * float(axis.residual_norm[i]) for i in layers}
+            vectors = {i: axis.unit[i].float() * self.shift[i] for i in layers}
+        super().__init__(model, axis, vectors)
 
     def vector(self, layer: int, like: torch.Tensor) -> torch.Tensor:
         """The vector added at ``layer``, on ``like``'s device and in its dtype."""

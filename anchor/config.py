@@ -99,6 +99,12 @@ class AnchorConfig:
     steer_coefficient: float = field(default=0.01, metadata={
         "help": "preventative: steering strength k, in units of the layer's mean residual norm (added at every anchor "
                 "layer, so keep it small: 0.05 over 11 layers already quadruples SmolLM2's NLL of in-role text)."})
+    incremental_coefficient: float = field(default=0.5, metadata={
+        "help": "incremental: the push away from the Assistant the residual stream carries at every layer, in "
+                "default-to-role gaps (added layer-incrementally, so pushes do not pile up)."})
+    ablate_components: int = field(default=1, metadata={
+        "help": "ablate: directions held at the default Assistant's values during training: 1 = the axis; k > 1 = "
+                "the axis and the top k-1 persona PCs."})
     log_prefix: str = field(default="anchor", metadata={"help": "Prefix of the logged metrics."})
 
     def __post_init__(self) -> None:
@@ -137,7 +143,7 @@ class AnchorConfig:
     def _check_numbers(self) -> None:
         """Every number finite and in range: a NaN passes ``< 0`` and would train to garbage."""
         floats = {"weight": self.weight, "floor_percentile": self.floor_percentile,
-                  "steer_coefficient": self.steer_coefficient}
+                  "steer_coefficient": self.steer_coefficient, "incremental_coefficient": self.incremental_coefficient}
         floats.update({f"method_weights[{i}]": w for i, w in enumerate(self.method_weights or [])})
         for name, value in floats.items():
             if not math.isfinite(value):
@@ -150,7 +156,8 @@ class AnchorConfig:
             if getattr(self, name) < 0:
                 raise ValueError(f"AnchorConfig.{name}={getattr(self, name)} must be >= 0.")
         for name in ("replay_batch_size", "replay_refresh_steps", "replay_max_new_tokens", "lm_replay_pool",
-                     "probe_max_new_tokens", "probe_batch_size", "axis_max_new_tokens", "axis_batch_size"):
+                     "probe_max_new_tokens", "probe_batch_size", "axis_max_new_tokens", "axis_batch_size",
+                     "ablate_components"):
             if getattr(self, name) < 1:
                 raise ValueError(f"AnchorConfig.{name}={getattr(self, name)} must be >= 1.")
         if self.probes_per_domain is not None and self.probes_per_domain < 1:

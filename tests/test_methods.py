@@ -233,3 +233,70 @@ def test_kto_trains_with_the_anchor(tiny_tokenizer, tiny_axis, tmp_path):
     trainer.train()
     logs = [h for h in trainer.state.log_history if "anchor/penalty" in h]
     assert [h["step"] for h in logs] == [1, 2] and all(h["anchor/penalty"] > 0 for h in logs)
+
+
+def _explicit_edit(method: str, axis, weight: float):
+    """The activation edit each steering/ablation method should make, written out."""
+    from anchor.methods.ablate import ablation_basis
+
+    def edit(layer: int, h: torch.Tensor) -> torch.Tensor:
+        if method == "preventative":
+            return h + (-0.3 * float(axis.residual_norm[layer]) * axis.unit[layer]) * weight
+        if method == "incremental":
+            before = axis.axis[layer - 1] if layer > 0 else torch.zeros_like(axis.axis[layer])
+            return h - 0.4 * weight * (axis.axis[layer] - before)
+        basis = ablation_basis(axis, layer, 2)
+        return h - weight * ((h @ basis.T - basis @ axis.default_mean[layer]) @ basis)
+
+    return edit
+
+
+@pytest.mark.parametrize("checkpointing", list(CHECKPOINTING))
+@pytest.mark.parametrize("method", ["preventative", "incremental", "ablate"])
+def test_activation_edits_equal_the_explicit_edit_and_its_gradient(tiny_tokenizer, tiny_axis, method, checkpointing):
+    from anchor.hooks import LayerHooks
+
+    batch, weight, mode = _batch(len(tiny_tokenizer)), 0.7, CHECKPOINTING[checkpointing]
+
+    def model_with():
+        model = make_tiny_model(tiny_tokenizer).train()
+        if mode is not None:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": mode})
+        return model
+
+    model = model_with()
+    with Anchor(model, tiny_axis, method, LAYERS, weight, steer_coefficient=0.3, incremental_coefficient=0.4,
+                ablate_components=2):
+        out = model(**batch)
+        out.loss.backward()
+    injected, logits = torch.cat([p.grad.flatten() for p in model.parameters()]), out.logits.detach()
+    model = model_with()
+    layers = range(tiny_axis.n_layers) if method == "incremental" else LAYERS
+    with LayerHooks(model, layers, _explicit_edit(method, tiny_axis, weight)):
+        out = model(**batch)
+        out.loss.backward()
+    explicit = torch.cat([p.grad.flatten() for p in model.parameters()])
+    assert torch.allclose(logits, out.logits.detach(), atol=1e-6)
+    assert float((injected - explicit).norm() / explicit.norm()) <= 1e-6
+    model.eval()
+    with torch.no_grad():
+        plain = model(**batch).logits
+        with Anchor(model, tiny_axis, method, LAYERS, weight):
+            assert torch.equal(model(**batch).logits, plain)  # no edit at inference
+
+
+def test_incremental_pushes_add_up_to_the_axis_and_ablation_holds_the_default(tiny_axis):
+    from anchor.capping import Steer
+    from anchor.methods.ablate import ablation_basis
+
+    layers = list(range(tiny_axis.n_layers))
+    steer = Steer(None, tiny_axis, -0.5, layers, cumulative=True)
+    total = torch.zeros_like(tiny_axis.axis[0])
+    for layer in layers:
+        total = total + steer.vector(layer, tiny_axis.axis[layer])
+        assert torch.allclose(total, -0.5 * tiny_axis.axis[layer], atol=1e-6)  # the push carried at this layer
+    basis = ablation_basis(tiny_axis, 2, 3)
+    assert torch.allclose(basis @ basis.T, torch.eye(3), atol=1e-5) and float(basis[0] @ tiny_axis.unit[2]) > 0.999
+    h = torch.randn(5, tiny_axis.hidden_size)
+    edited = h - ((h @ basis.T - basis @ tiny_axis.default_mean[2]) @ basis)
+    assert torch.allclose(edited @ basis.T, (basis @ tiny_axis.default_mean[2]).expand(5, 3), atol=1e-5)

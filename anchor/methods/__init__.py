@@ -8,12 +8,14 @@ Built in:
 * ``replay`` — the model's own sampled default answers keep the reference's projections over a band of layers;
 * ``preventative`` — steer away from the Assistant during training only, so the weights need not move that way;
 * ``lm_replay`` — axis-free: the LM loss of the base model's own answers to plain questions;
-* ``kl`` — axis-free: KL(base ‖ model) on the model's own sampled default answers (on-policy).
+* ``kl`` — axis-free: KL(base ‖ model) on the model's own sampled default answers (on-policy);
+* ``incremental`` — preventative steering at every layer, layer-incrementally (no pile-up of pushes);
+* ``ablate`` — hold the axis (and optionally the top persona PCs) at the default's values while training.
 
 Add your own with :func:`register_method` (see :mod:`anchor.methods.base`).
 """
 
-from anchor.methods import floor, kl, lm_replay, match, preventative, replay  # noqa: F401  (registration)
+from anchor.methods import ablate, floor, incremental, kl, lm_replay, match, preventative, replay  # noqa: F401
 from anchor.methods.base import (
     AnchorMethod,
     RunContext,

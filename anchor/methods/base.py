@@ -109,7 +109,8 @@ def register_method(cls: type[AnchorMethod]) -> type[AnchorMethod]:
     if not (isinstance(cls, type) and issubclass(cls, AnchorMethod)) or not cls.name:
         raise TypeError(f"{cls!r} must subclass anchor.methods.AnchorMethod and set a non-empty `name`.")
     known = _REGISTRY.get(cls.name)
-    if known is not None and known is not cls and known.__qualname__ != cls.__qualname__:
+    reloaded = known is not None and (known.__module__, known.__qualname__) == (cls.__module__, cls.__qualname__)
+    if known is not None and known is not cls and not reloaded:
         raise ValueError(f"An anchoring method named {cls.name!r} is already registered ({known.__module__}."
                          f"{known.__qualname__}); choose another name.")
     _REGISTRY[cls.name] = cls
