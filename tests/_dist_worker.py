@@ -1,7 +1,8 @@
 """One rank of the 2-process CPU test (run by ``torch.distributed.run`` from ``tests/test_callback_dist.py``).
 
-Trains the tiny model with SFTTrainer over gloo, with the axis computed on the fly (so both ranks must compute it
-in lockstep and agree), and writes what this rank saw to ``OUT/rank{N}.json``.
+Trains the tiny model with SFTTrainer over gloo with the methods named in argv[2] (comma-separated, composed), with
+the axis computed on the fly (so both ranks must compute it in lockstep and agree), and writes what this rank saw
+to ``OUT/rank{N}.json``.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from tests import tokenizers_util
 from tests.conftest import make_tiny_model
 
 
-def main(out: Path) -> None:
+def main(out: Path, methods: list[str]) -> None:
     torch.set_num_threads(1)
     rank = int(os.environ["RANK"])
     tokenizer = tokenizers_util.chatml()
@@ -29,8 +30,9 @@ def main(out: Path) -> None:
                           {"role": "assistant", "content": "Yes, Paris is the capital. " * (1 + i % 4)}]}
             for i in range(16)]
     probes = out / "probes.json"
-    config = AnchorConfig(layers=[1, 2], weight=1.0, floor_percentile=90, probe_every=2, probe_max_new_tokens=4,
-                          probe_file=str(probes), axis_n_roles=2, axis_n_questions=2, axis_max_new_tokens=4)
+    config = AnchorConfig(layers=[1, 2], method=methods, weight=1.0, floor_percentile=90, probe_every=2,
+                          probe_max_new_tokens=4, probe_file=str(probes), axis_n_roles=2, axis_n_questions=2,
+                          axis_max_new_tokens=4, replay_batch_size=2, replay_max_new_tokens=4, lm_replay_pool=4)
     callback = AnchorCallback(config)
     args = SFTConfig(
         output_dir=str(out / "run"), max_steps=3, per_device_train_batch_size=2, learning_rate=1e-3, logging_steps=1,
@@ -43,11 +45,11 @@ def main(out: Path) -> None:
     seen = {
         "world_size": args.world_size,
         "axis": callback.axis.axis.tolist(),
-        "tau": {str(k): v for k, v in callback.tau.items()},
+        "tau": {str(k): v for k, v in callback.anchor.tau.items()},
         "log_history": trainer.state.log_history,
     }
     (out / f"rank{rank}.json").write_text(json.dumps(seen))
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]))
+    main(Path(sys.argv[1]), sys.argv[2].split(","))

@@ -14,7 +14,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.slow
-def test_two_processes_share_the_axis_and_log_reduced_metrics_once(tmp_path):
+@pytest.mark.parametrize("methods", ["floor", "floor,match,replay,preventative,lm_replay,kl,incremental,ablate"],
+                         ids=["floor", "every-method-composed"])
+def test_two_processes_share_the_axis_and_log_reduced_metrics_once(tmp_path, methods):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     probes = [{"domain": d, "prompt": f"Tell me about {d}."} for d in ("coding", "writing", "emotional", "meta")]
@@ -22,7 +24,7 @@ def test_two_processes_share_the_axis_and_log_reduced_metrics_once(tmp_path):
     env = {**os.environ, "ANCHOR_CACHE": str(tmp_path / "cache"), "TENSORBOARD_LOGGING_DIR": str(tmp_path / "tb"),
            "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", "TOKENIZERS_PARALLELISM": "false"}
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29731",
-               str(ROOT / "tests" / "_dist_worker.py"), str(tmp_path)]
+               str(ROOT / "tests" / "_dist_worker.py"), str(tmp_path), methods]
     done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=110)
     assert done.returncode == 0, done.stderr[-4000:]
 
