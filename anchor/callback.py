@@ -36,11 +36,11 @@ from anchor.axis import AssistantAxis, cached_axis
 from anchor.config import AnchorConfig
 from anchor.engine import Anchor, default_layers
 from anchor.hooks import check_layers
-from anchor.methods import RunContext, build_methods
-from anchor.models import decoder_layers, fingerprint, unwrap
+from anchor.methods import RunContext
+from anchor.models import decoder_layers, unwrap
 from anchor.probes import ProbeMonitor, far_role_prompts, preserved_rng
-from anchor.reference import Reference, find_peft
-from anchor.state import STATE_DIR, AnchorState, has_state, load_state, save_state
+from anchor.reference import Reference, find_peft, training_reference
+from anchor.state import STATE_DIR, AnchorState, check_same_settings, resume_state, save_state
 
 logger = logging.getLogger(__name__)
 
@@ -132,9 +132,9 @@ class AnchorCallback(TrainerCallback, ExportableState):
         cfg = self.config
         tokenizer = getattr(processing_class, "tokenizer", processing_class)
         decoder_layers(model)  # a clear error for an architecture whose layers cannot be hooked
-        saved = self._resume_state(args, state, frame_locals) if state.global_step > 0 else None
+        saved = resume_state(args, state, frame_locals) if state.global_step > 0 else None
         if saved is not None:
-            self._check_same_settings(saved)
+            check_same_settings(saved, cfg)
             self.axis = saved.axis
             self.axis.check_compatible(model, check_weights=False)  # the model is mid-training: shapes only
         else:
@@ -145,7 +145,10 @@ class AnchorCallback(TrainerCallback, ExportableState):
                                   self.axis.n_layers)
         except ValueError as err:
             raise ValueError(f"AnchorConfig.layers: {err}") from None
-        reference = self._make_reference(model, resumed=saved is not None)
+        # The policy's forward runs under the trainer's autocast (TRL configs default to bf16); so does the reference.
+        autocast = getattr(getattr(self.trainer, "accelerator", None), "autocast", None)
+        reference = training_reference(model, cfg, resumed=saved is not None, autocast=autocast,
+                                       fingerprint=self.axis.metadata.get("fingerprint"))
         run = RunContext(model=unwrap(model), tokenizer=tokenizer, seed=args.seed, process_index=args.process_index,
                          progress=args.process_index == 0, resumed=saved is not None)
         self.anchor = Anchor(model, self.axis, cfg, layers, self._weight_at(state.global_step), reference=reference,
@@ -194,40 +197,6 @@ class AnchorCallback(TrainerCallback, ExportableState):
         tau = ", ".join(f"{i}: {t:.2f}" for i, t in sorted(self.anchor.tau.items()))
         logger.info("anchor: method=%s at layers %s (%s); weights %s; floor tau (p%g) {%s}",
                     "+".join(self.config.method), layers, why, self.config.weights(), self.config.floor_percentile, tau)
-
-    def _make_reference(self, model: nn.Module, resumed: bool) -> Reference | None:
-        """The frozen reference: for methods that need one; for the role-likeness probe only when PEFT makes it free."""
-        cfg = self.config
-        needed = any(m.needs_reference for m in build_methods(cfg))
-        peft = find_peft(model) is not None
-        if not needed and not (cfg.probe_every and cfg.probe_far_roles and peft):
-            return None
-        # The policy's forward runs under the trainer's autocast (TRL configs default to bf16); so must the reference.
-        autocast = getattr(getattr(self.trainer, "accelerator", None), "autocast", None)
-        frozen = self._reload_base(model) if resumed and not peft else None
-        return Reference(model, frozen=frozen, autocast=autocast)
-
-    def _reload_base(self, model: nn.Module) -> nn.Module:
-        """On resume of a full fine-tune the model has moved: reload the base weights and check their fingerprint."""
-        from transformers import AutoModelForCausalLM
-
-        base = unwrap(model)
-        source = getattr(base.config, "_name_or_path", "")
-        hint = ("Resuming full fine-tuning with a method that compares with the base model needs it as the frozen "
-                "reference; train a PEFT adapter, or start from a model saved with save_pretrained whose "
-                "config._name_or_path points at it.")
-        if not source:
-            raise RuntimeError(f"anchor: the model has no config._name_or_path to reload its base weights from. {hint}")
-        try:
-            frozen = AutoModelForCausalLM.from_pretrained(source, dtype=next(base.parameters()).dtype)
-        except (OSError, ValueError) as err:
-            raise RuntimeError(f"anchor: cannot reload the base model from config._name_or_path={source!r} ({err}). "
-                               f"{hint}") from None
-        frozen.to(next(base.parameters()).device)
-        expected = self.axis.metadata.get("fingerprint")
-        if expected and fingerprint(frozen) != expected:
-            raise RuntimeError(f"anchor: {source!r} is not the model the axis was computed on. {hint}")
-        return frozen
 
     def _load_axis(self, model: nn.Module, tokenizer: Any, args: Any) -> AssistantAxis:
         """``config.axis``, or the model's axis computed on every rank in lockstep; rank 0's result wins and is cached.
@@ -330,30 +299,6 @@ class AnchorCallback(TrainerCallback, ExportableState):
         save_state(directory, AnchorState(self.axis, step, asdict(self.config), self.anchor.layers, self.anchor.tau,
                                           methods, probes, tensors))
 
-    def _resume_state(self, args: Any, state: Any, frame_locals: dict[str, Any]) -> AnchorState:
-        """The anchor state of the checkpoint being resumed (training starts at ``global_step > 0``)."""
-        candidates = [frame_locals.get("resume_from_checkpoint"), getattr(args, "resume_from_checkpoint", None),
-                      Path(args.output_dir) / f"checkpoint-{state.global_step}"]
-        for candidate in candidates:
-            if isinstance(candidate, str | Path) and has_state(candidate):
-                return load_state(Path(candidate) / STATE_DIR)
-        complete = sorted(str(p.parent) for p in Path(args.output_dir).glob(f"checkpoint-*/{STATE_DIR}"))
-        raise RuntimeError(
-            f"Resuming at step {state.global_step} from a checkpoint without its {STATE_DIR}/ folder (written without "
-            "AnchorCallback, or cut short). Continuing would anchor to another axis and probe baseline than the run "
-            "started with (an axis computed now would come from the half-trained model). Resume from a checkpoint "
-            "that has it"
-            + (f" ({', '.join(complete)})" if complete else "") + ", or start the run again.")
-
-    def _check_same_settings(self, saved: AnchorState) -> None:
-        for name in ("method", "method_weights", "floor_percentile"):
-            if saved.config.get(name) != getattr(self.config, name):
-                raise ValueError(
-                    f"The checkpoint was trained with AnchorConfig.{name}={saved.config.get(name)!r}, this run has "
-                    f"{getattr(self.config, name)!r}; resume with the same anchor settings.")
-        if self.config.layers is not None and sorted(self.config.layers) != saved.layers:
-            raise ValueError(f"The checkpoint anchors layers {saved.layers}, this run asks for "
-                             f"{sorted(self.config.layers)}; resume with the same layers.")
 
 
 def _reduce(local: dict[str, list[float]]) -> dict[str, list[float]]:

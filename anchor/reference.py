@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import copy
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
 from torch import nn
@@ -82,4 +83,43 @@ class Reference:
 
 
 
-__all__ = ["Reference", "find_peft", "is_zero3"]
+
+def training_reference(model: nn.Module, config: Any, resumed: bool, autocast: Callable | None = None,
+                       fingerprint: str | None = None) -> Reference | None:
+    """The reference a training run needs: for methods that compare with the base model, and for the role-likeness
+    probe only when PEFT makes it free. On resume of a full fine-tune the model has moved, so the base weights are
+    reloaded from ``config._name_or_path`` and checked against the axis bundle's ``fingerprint``."""
+    from anchor.methods import get_method
+
+    needed = any(get_method(name).needs_reference for name in config.method)
+    peft = find_peft(model) is not None
+    if not needed and not (config.probe_every and config.probe_far_roles and peft):
+        return None
+    frozen = _reload_base(model, fingerprint) if resumed and not peft else None
+    return Reference(model, frozen=frozen, autocast=autocast)
+
+
+def _reload_base(model: nn.Module, expected: str | None) -> nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    from anchor.models import fingerprint
+
+    base = unwrap(model)
+    source = getattr(base.config, "_name_or_path", "")
+    hint = ("Resuming full fine-tuning with a method that compares with the base model needs it as the frozen "
+            "reference; train a PEFT adapter, or start from a model saved with save_pretrained whose "
+            "config._name_or_path points at it.")
+    if not source:
+        raise RuntimeError(f"anchor: the model has no config._name_or_path to reload its base weights from. {hint}")
+    try:
+        frozen = AutoModelForCausalLM.from_pretrained(source, dtype=next(base.parameters()).dtype)
+    except (OSError, ValueError) as err:
+        raise RuntimeError(f"anchor: cannot reload the base model from config._name_or_path={source!r} ({err}). "
+                           f"{hint}") from None
+    frozen.to(next(base.parameters()).device)
+    if expected and fingerprint(frozen) != expected:
+        raise RuntimeError(f"anchor: {source!r} is not the model the axis was computed on. {hint}")
+    return frozen
+
+
+__all__ = ["Reference", "find_peft", "is_zero3", "training_reference"]

@@ -102,4 +102,33 @@ def _from_format_1(meta: dict[str, Any], tensors: dict[str, torch.Tensor]) -> tu
     return {**meta, "config": config, "methods": states}, converted
 
 
-__all__ = ["STATE_DIR", "AnchorState", "has_state", "load_state", "save_state"]
+
+def resume_state(args: Any, state: Any, frame_locals: dict[str, Any]) -> AnchorState:
+    """The anchor state of the checkpoint a trainer resumes from (it starts at ``state.global_step > 0``): the one
+    passed to ``train(resume_from_checkpoint=...)`` (``frame_locals``), the args', or ``checkpoint-<step>``."""
+    candidates = [frame_locals.get("resume_from_checkpoint"), getattr(args, "resume_from_checkpoint", None),
+                  Path(args.output_dir) / f"checkpoint-{state.global_step}"]
+    for candidate in candidates:
+        if isinstance(candidate, str | Path) and has_state(candidate):
+            return load_state(Path(candidate) / STATE_DIR)
+    complete = sorted(str(p.parent) for p in Path(args.output_dir).glob(f"checkpoint-*/{STATE_DIR}"))
+    raise RuntimeError(
+        f"Resuming at step {state.global_step} from a checkpoint without its {STATE_DIR}/ folder (written without "
+        "AnchorCallback, or cut short). Continuing would anchor to another axis and probe baseline than the run "
+        "started with (an axis computed now would come from the half-trained model). Resume from a checkpoint "
+        "that has it" + (f" ({', '.join(complete)})" if complete else "") + ", or start the run again.")
+
+
+def check_same_settings(saved: AnchorState, config: Any) -> None:
+    """Refuse to resume with other methods, weights, floor or layers than the checkpoint's: a run is never silently
+    reinterpreted."""
+    for name in ("method", "method_weights", "floor_percentile"):
+        if saved.config.get(name) != getattr(config, name):
+            raise ValueError(f"The checkpoint was trained with AnchorConfig.{name}={saved.config.get(name)!r}, this "
+                             f"run has {getattr(config, name)!r}; resume with the same anchor settings.")
+    if config.layers is not None and sorted(config.layers) != saved.layers:
+        raise ValueError(f"The checkpoint anchors layers {saved.layers}, this run asks for {sorted(config.layers)}; "
+                         "resume with the same layers.")
+
+
+__all__ = ["STATE_DIR", "AnchorState", "check_same_settings", "has_state", "load_state", "resume_state", "save_state"]
