@@ -84,3 +84,20 @@ class LayerHooks:
 
     def __exit__(self, *exc: object) -> None:
         self.detach()
+
+
+class ProjectionRecorder(LayerHooks):
+    """Record each hooked layer's output projected on a unit vector per layer: after a forward, ``proj[layer]`` is
+    ``[B, T]`` in float32 (on the CPU with ``to_cpu``). Hooks registered after an intervention (a cap) read its
+    result, since hooks run in registration order. The one reader of projections outside training."""
+
+    def __init__(self, model: nn.Module, unit: torch.Tensor, layers: Iterable[int], layers_path: str | None = None,
+                 to_cpu: bool = False):
+        self.proj: dict[int, torch.Tensor] = {}
+        self._unit = unit.float()
+        self._to_cpu = to_cpu
+        super().__init__(model, layers, self._record, layers_path)
+
+    def _record(self, layer: int, hidden: torch.Tensor) -> None:
+        values = hidden.detach().float() @ self._unit[layer].to(hidden.device)
+        self.proj[layer] = values.cpu() if self._to_cpu else values

@@ -31,8 +31,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from anchor.axis import AssistantAxis
+from anchor.batching import pad_rows
 from anchor.extract import stop_ids
-from anchor.hooks import LayerHooks
+from anchor.hooks import ProjectionRecorder
 from anchor.models import decoder_layers
 from anchor.personas import load_probes, load_roles
 from anchor.spans import encode_prompt
@@ -114,13 +115,8 @@ def generate_answers(
     with preserved_rng(), eval_mode(model):
         torch.manual_seed(seed)
         for start in range(0, len(prompts), batch_size):
-            chunk = [list(p) for p in prompts[start:start + batch_size]]
-            width = max(len(p) for p in chunk)
-            ids = torch.full((len(chunk), width), tokenizer.pad_token_id, dtype=torch.long)
-            mask = torch.zeros_like(ids)
-            for i, p in enumerate(chunk):  # left padding: every prompt ends where generation starts
-                ids[i, width - len(p):] = torch.tensor(p)
-                mask[i, width - len(p):] = 1
+            ids, mask = pad_rows(prompts[start:start + batch_size], tokenizer.pad_token_id, side="left")
+            width = ids.shape[1]
             out = model.generate(
                 input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
                 do_sample=sample, temperature=1.0 if sample else None, top_p=None, top_k=None,
@@ -136,15 +132,10 @@ def pack_answers(
     prompts: Sequence[Sequence[int]], answers: Sequence[Sequence[int]], pad_id: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Right-padded ``prompt + answer`` rows ``[N, T]``: input ids, attention mask and the answer positions."""
-    rows = [list(p) + list(a) for p, a in zip(prompts, answers, strict=True)]
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    attention = torch.zeros((len(rows), width), dtype=torch.long)
-    answer = torch.zeros((len(rows), width), dtype=torch.bool)
-    for i, (row, p) in enumerate(zip(rows, prompts, strict=True)):
-        ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
-        attention[i, : len(row)] = 1
-        answer[i, len(p): len(row)] = True
+    ids, attention = pad_rows([list(p) + list(a) for p, a in zip(prompts, answers, strict=True)], pad_id)
+    answer = torch.zeros_like(ids, dtype=torch.bool)
+    for i, (p, a) in enumerate(zip(prompts, answers, strict=True)):
+        answer[i, len(p): len(p) + len(a)] = True
     return ids, attention, answer
 
 
@@ -173,17 +164,12 @@ def answer_projections(
     out = torch.full((len(prompts), len(layers)), float("nan"))
     device = _device(model)
     for rows, ids, attention, answer in _answer_batches(prompts, answers, batch_size, pad_id):
-        captured: dict[int, torch.Tensor] = {}
-
-        def record(layer: int, hidden: torch.Tensor, captured: dict = captured) -> None:
-            captured[layer] = (hidden.float() @ unit[layer].to(hidden.device)).cpu()
-
-        with eval_mode(model), LayerHooks(model, layers, record):
+        with eval_mode(model), ProjectionRecorder(model, unit, layers, to_cpu=True) as recorder:
             model(input_ids=ids.to(device), attention_mask=attention.to(device), use_cache=False)
         m = answer.float()
         n = m.sum(dim=1)
         for j, layer in enumerate(layers):
-            means = (captured[layer] * m).sum(dim=1) / n.clamp(min=1)
+            means = (recorder.proj[layer] * m).sum(dim=1) / n.clamp(min=1)
             out[rows, j] = torch.where(n > 0, means, torch.full_like(means, float("nan")))
     return out
 

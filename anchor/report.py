@@ -44,9 +44,7 @@ def _persona_measures(writer: Any, reference: Reference, tokenizer: object, axis
                                   pad_id=tokenizer.pad_token_id).nanmean(dim=0)
     position = []
     for j, layer in enumerate(layers):
-        default = axis.default_projection(layer)
-        gap = default - float(axis.role_projections(layer).mean())
-        position.append((float(proj[j]) - default) / gap)
+        position.append((float(proj[j]) - axis.default_projection(layer)) / axis.gap(layer))
     score = None
     if role_prompts:
         with reference.active() as judge:
