@@ -23,8 +23,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Iterable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Iterable, Mapping
 
 import torch
 from torch import nn
@@ -223,7 +222,8 @@ def attach_cap(
     percentile: float | None = None,
     check_weights: bool = True,
 ) -> Cap:
-    """Floor the axis projection at ``layers`` until :meth:`Cap.detach` (or the end of a ``with`` block).
+    """Floor the axis projection at ``layers`` until :meth:`Cap.detach` or the end of a ``with`` block (also
+    exported as :func:`cap`: ``with anchor.cap(model, axis): model.generate(...)``).
 
     ``layers`` defaults to the bundle's calibrated band (``anchor calibrate``), else :data:`DEFAULT_BAND` of
     depth. Floors come from ``tau`` (one float for every layer, or ``{layer: floor}``) or from ``percentile``
@@ -235,23 +235,6 @@ def attach_cap(
     return Cap(model, axis, floors, p)
 
 
-@contextmanager
-def cap(
-    model: nn.Module,
-    axis: AssistantAxis,
-    layers: Iterable[int] | None = None,
-    tau: float | Mapping[int, float] | None = None,
-    percentile: float | None = None,
-    check_weights: bool = True,
-) -> Iterator[Cap]:
-    """``with cap(model, axis): model.generate(...)``; arguments as in :func:`attach_cap`."""
-    handle = attach_cap(model, axis, layers, tau, percentile, check_weights)
-    try:
-        yield handle
-    finally:
-        handle.detach()
-
-
 def attach_steer(
     model: nn.Module,
     axis: AssistantAxis,
@@ -259,7 +242,8 @@ def attach_steer(
     layers: Iterable[int] | None = None,
     check_weights: bool = True,
 ) -> Steer:
-    """Add ``coeff · residual_norm[l] · v̂`` at every position of ``layers`` until :meth:`Steer.detach`.
+    """Add ``coeff · residual_norm[l] · v̂`` at every position of ``layers`` until :meth:`Steer.detach` or the end of
+    a ``with`` block (also exported as :func:`steer`).
 
     ``layers`` defaults to the axis's report layer (the middle of the network): one layer is enough to move
     the persona, and the middle is where the axis separates personas best; pushing at many layers compounds.
@@ -271,17 +255,7 @@ def attach_steer(
     return Steer(model, axis, coeff, chosen)
 
 
-@contextmanager
-def steer(
-    model: nn.Module,
-    axis: AssistantAxis,
-    coeff: float,
-    layers: Iterable[int] | None = None,
-    check_weights: bool = True,
-) -> Iterator[Steer]:
-    """``with steer(model, axis, 0.5): model.generate(...)``; arguments as in :func:`attach_steer`."""
-    handle = attach_steer(model, axis, coeff, layers, check_weights)
-    try:
-        yield handle
-    finally:
-        handle.detach()
+# The handles are context managers that detach on exit, so ``with cap(model, axis): model.generate(...)`` and
+# ``handle = cap(model, axis); ...; handle.detach()`` are the same call.
+cap = attach_cap
+steer = attach_steer
