@@ -32,6 +32,7 @@ from torch import nn
 from transformers import TrainerCallback
 from transformers.trainer_callback import ExportableState
 
+from anchor import dashboards
 from anchor.axis import AssistantAxis, cached_axis
 from anchor.config import AnchorConfig
 from anchor.engine import Anchor, default_layers
@@ -40,6 +41,7 @@ from anchor.methods import RunContext
 from anchor.models import decoder_layers, unwrap
 from anchor.probes import ProbeMonitor, far_role_prompts, preserved_rng
 from anchor.reference import Reference, find_peft, training_reference
+from anchor.report import probe_drift_series
 from anchor.state import STATE_DIR, AnchorState, check_same_settings, resume_state, save_state
 
 logger = logging.getLogger(__name__)
@@ -89,6 +91,7 @@ class AnchorCallback(TrainerCallback, ExportableState):
         self.probes: ProbeMonitor | None = None
         self.trainer: Any = None
         self._pending: dict[str, list[float]] = {}
+        self._axis_logged = False
 
     # -- the trainer -----------------------------------------------------------------------------------------
 
@@ -246,13 +249,21 @@ class AnchorCallback(TrainerCallback, ExportableState):
         every = self.config.probe_every
         if self.probes is None or not every or state.global_step % every:
             return
-        for name, value in self.probes.measure(unwrap(self.anchor.model)).items():
+        run = dashboards.active_run()
+        measured = self.probes.measure(unwrap(self.anchor.model), answers_table=run is not None)
+        for name, value in measured.items():
             self._pending[name] = [value, 1.0]
+        if run is not None:
+            dashboards.log_probe_table(run, state.global_step, self.probes.rows, self.config.log_prefix)
         control.should_log = True  # probes are logged at the step they were taken
 
     def on_log(self, args: Any, state: Any, control: Any, logs: dict | None = None, **kwargs: Any) -> None:
         if self.anchor is None or logs is None or any(k.startswith(("eval_", "test_")) for k in logs):
             return
+        run = dashboards.active_run()
+        if run is not None and not self._axis_logged:  # the trainer's WandbCallback starts the run after set-up
+            dashboards.log_axis_artifact(run, self.axis, self.config.axis)
+            self._axis_logged = True
         loss = logs.get("loss")
         if isinstance(loss, float) and not math.isfinite(loss):
             raise RuntimeError(f"anchor: the training loss is {loss} at step {state.global_step}; the run is stopped. "
@@ -276,6 +287,10 @@ class AnchorCallback(TrainerCallback, ExportableState):
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if self.anchor is not None:
             self.anchor.detach()
+        run = dashboards.active_run()
+        if run is not None and self.probes is not None:
+            series = probe_drift_series(state.log_history, self.config.log_prefix)
+            dashboards.log_drift_chart(run, series, state.global_step, self.config.log_prefix)
 
     # -- checkpoints -----------------------------------------------------------------------------------------
 

@@ -283,6 +283,7 @@ class ProbeMonitor:
         self.answers: list[list[int]] | None = None
         self.baseline: torch.Tensor | None = None
         self.role_baseline: torch.Tensor | None = None
+        self.rows: list[dict] = []
 
     def start(self, model: nn.Module, probes: object = None, per_domain: int | None = None) -> None:
         """Answer the probes with the base ``model`` and read the step-0 baselines."""
@@ -300,11 +301,16 @@ class ProbeMonitor:
                                                    self.batch_size)
         logger.info("anchor: probe baseline ready in %.0f s.", time.perf_counter() - start)
 
-    def measure(self, model: nn.Module) -> dict[str, float]:
-        """Probe drift (and role-likeness where a reference exists) of ``model`` now, as ``{metric: value}``."""
+    def measure(self, model: nn.Module, answers_table: bool = False) -> dict[str, float]:
+        """Probe drift (and role-likeness where a reference exists) of ``model`` now, as ``{metric: value}``.
+
+        With ``answers_table`` the model answers afresh even in teacher-forced mode, and :attr:`rows` holds one row
+        per probe (domain, prompt, the fresh answer, its projection change since step 0 averaged over layers, its
+        role-likeness), for a person to read the text drifting.
+        """
         tok, probes = self.tokenizer, self.probes
-        answers = self.answers
-        if self.mode == "generated" or self.role_prompts:
+        answers, fresh = self.answers, None
+        if self.mode == "generated" or self.role_prompts or answers_table:
             fresh = generate_answers(model, tok, probes.prompts, self.max_new_tokens, self.batch_size)
             if self.mode == "generated":
                 answers = fresh
@@ -313,11 +319,18 @@ class ProbeMonitor:
         out = {}
         for name, z in drift_scores(current, self.baseline, probes.domains).items():
             out["probe_drift" + (f"/{name}" if name else "")] = z
+        score = None
         if self.role_prompts:
             with self.reference.active() as ref:
                 score = role_likeness(ref, tok, probes.texts, fresh, self.role_prompts, self.batch_size)
             for name, value in domain_means(score, probes.domains).items():
                 out["role_likeness" + (f"/{name}" if name else "")] = value
+        if answers_table:
+            change = (current - self.baseline).nanmean(dim=1)
+            self.rows = [{"domain": d, "prompt": t, "answer": tok.decode(a, skip_special_tokens=True),
+                          "projection_change": float(c), "role_likeness": None if score is None else float(r)}
+                         for d, t, a, c, r in zip(probes.domains, probes.texts, fresh, change,
+                                                  score if score is not None else change, strict=True)]
         return out
 
     def state_dict(self) -> tuple[dict[str, torch.Tensor], dict]:

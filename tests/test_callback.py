@@ -263,7 +263,13 @@ def test_resume_without_anchor_state_refuses_to_recompute_the_axis(tiny_tokenize
 
 
 def _wandb_history(run_file: str) -> list[dict]:
-    """History rows of an offline ``.wandb`` file: a LevelDB-style log (32 KiB blocks, 7-byte headers) of protobufs."""
+    """History rows of an offline ``.wandb`` file."""
+    return [{i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in record.history.item}
+            for record in _wandb_records(run_file) if record.WhichOneof("record_type") == "history"]
+
+
+def _wandb_records(run_file: str) -> list:
+    """Records of an offline ``.wandb`` file: a LevelDB-style log (32 KiB blocks, 7-byte headers) of protobufs."""
     from wandb.proto import wandb_internal_pb2 as pb
 
     data, pos, rows, buf = Path(run_file).read_bytes(), 7, [], b""
@@ -278,8 +284,7 @@ def _wandb_history(run_file: str) -> list[dict]:
         if kind in (1, 4):
             record = pb.Record()
             record.ParseFromString(buf)
-            if record.WhichOneof("record_type") == "history":
-                rows.append({i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in record.history.item})
+            rows.append(record)
     return rows
 
 
@@ -318,6 +323,41 @@ def test_metrics_reach_wandb_and_tensorboard(tiny_tokenizer, tiny_axis, tmp_path
     assert [e.step for e in scalars] == [1, 2, 3, 4]
     assert [e.value for e in scalars] == pytest.approx([expected[s]["anchor/penalty"] for s in (1, 2, 3, 4)])
     assert [e.step for e in events.Scalars("train/anchor/probe_drift")] == [2, 4]
+
+
+@pytest.mark.slow
+def test_wandb_shows_the_probe_answers_the_axis_and_a_drift_chart(tiny_tokenizer, tiny_axis, tmp_path, monkeypatch,
+                                                                  probe_file):
+    import wandb
+
+    wandb.teardown()  # wandb reads its environment once per process; an earlier test's run must not count
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    callback = AnchorCallback(AnchorConfig(layers=LAYERS, probe_every=2, probe_max_new_tokens=6,
+                                           probe_file=probe_file), axis=tiny_axis)
+    trainer = _sft(tiny_tokenizer, tmp_path, [callback], max_steps=4, report_to=["wandb"])
+    trainer.train()
+    wandb.finish()
+    run_dir = Path(glob.glob(str(tmp_path / "wandb" / "offline-run-*"))[0])
+    run_file = next(run_dir.glob("run-*.wandb"))
+    for _ in range(60):  # wandb's service process may still be writing the file when finish() returns
+        records = _wandb_records(str(run_file))
+        history = _wandb_history(str(run_file))
+        tables = {row["train/global_step"]: {k.rsplit("/", 1)[1]: v for k, v in row.items()
+                                             if k.startswith("anchor/probe_answers/")}
+                  for row in history if "anchor/probe_answers/_type" in row}
+        charts = [k for row in history for k in row if k.startswith("anchor/probe_drift_chart")]
+        artifacts = [r.artifact for r in records if r.WhichOneof("record_type") == "artifact"]
+        if len(tables) == 2 and charts and artifacts:
+            break
+        time.sleep(0.5)
+    assert sorted(tables) == [2, 4] and all(t["_type"] == "table-file" for t in tables.values())
+    table = json.loads((run_dir / "files" / tables[4]["path"]).read_text())
+    assert table["columns"] == ["step", "domain", "prompt", "answer", "projection_change", "role_likeness"]
+    assert len(table["data"]) == 4 and {row[1] for row in table["data"]} == {"coding", "writing", "emotional", "meta"}
+    assert charts
+    assert artifacts[0].type == "axis" and artifacts[0].name.startswith("assistant-axis-")
+    assert {f.path for f in artifacts[0].manifest.contents} >= {"axis.safetensors", "axis_config.json"}
 
 
 @pytest.mark.slow
