@@ -237,6 +237,25 @@ def test_resume_is_bit_exact_and_never_recomputes_the_axis(tiny_tokenizer, tmp_p
         assert all("anchor/lm_replay_loss" in h for h in _anchor_logs(straight))
 
 
+def test_anchor_state_is_written_inside_the_trainers_save_before_its_state(tiny_tokenizer, tiny_axis, tmp_path,
+                                                                          monkeypatch):
+    """A kill between the trainer's save and a later hook cannot leave a resumable checkpoint without anchor state:
+    the anchor folder is complete before ``trainer_state.json``, the file a resume reads, is written."""
+    from transformers import TrainerState
+
+    seen = []
+    original = TrainerState.save_to_json
+
+    def spy(self, json_path):
+        seen.append((Path(json_path).parent / "anchor" / "anchor_state.json").is_file())
+        return original(self, json_path)
+
+    monkeypatch.setattr(TrainerState, "save_to_json", spy)
+    _sft(tiny_tokenizer, tmp_path, [AnchorCallback(AnchorConfig(layers=LAYERS), axis=tiny_axis)], max_steps=4,
+         save_strategy="steps", save_steps=2).train()
+    assert seen == [True, True]
+
+
 def test_resume_refuses_to_start_lm_replay_midway(tiny_tokenizer, tiny_axis, tmp_path):
     common = dict(max_steps=2, save_strategy="steps", save_steps=2)
     _sft(tiny_tokenizer, tmp_path / "a", [AnchorCallback(AnchorConfig(layers=LAYERS), axis=tiny_axis)],
