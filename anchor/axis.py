@@ -397,7 +397,7 @@ def compute_axis(
     out_dir: str | os.PathLike | None = None,
     defaults: Sequence[str] | str | os.PathLike | None = None,
     prompts_per_role: int | None = None,
-    batch_size: int = 32,
+    batch_size: int = 128,
     temperature: float = 0.0,
     progress: bool = True,
 ) -> AssistantAxis:

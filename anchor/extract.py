@@ -28,9 +28,11 @@ import inspect
 import itertools
 import json
 import os
+import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -43,6 +45,9 @@ from anchor.io import atomic_write, atomic_write_json
 from anchor.models import decoder_layers, fingerprint, unwrap
 from anchor.spans import encode_prompt, render_chat
 
+if TYPE_CHECKING:
+    from anchor.axis import AxisSettings
+
 DEFAULT_KEY = "default"
 MODES = ("generate", "prompt")
 
@@ -54,7 +59,7 @@ class ExtractionSettings:
     mode: str = "generate"
     max_new_tokens: int = 32
     temperature: float = 0.0  # 0 means greedy decoding
-    batch_size: int = 32
+    batch_size: int = 128
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -412,3 +417,48 @@ def _extract_unit(
                             torch.stack([norms[i] for i in mine]), [items[i][1:] for i in mine],
                             [texts[i] for i in mine]))
     return shards
+
+
+# -- choosing settings for a time budget ---------------------------------------------------------------------------
+
+BUDGET_FRONTIER: tuple[tuple[float, dict], ...] = (
+    (20.0, {"n_roles": 8, "n_questions": 32, "max_new_tokens": 4}),
+    (60.0, {"n_roles": 8, "n_questions": 96, "max_new_tokens": 4}),
+    (180.0, {"n_roles": 16, "n_questions": 128, "max_new_tokens": 8}),
+)
+"""Seconds on the benchmark machine (2 CPU cores, SmolLM2-135M, batch 128) and the sampling settings that reach
+the highest cosine to the full axis within them: the frontier measured by ``scripts/bench_axis.py``."""
+
+PROBE_QUESTIONS = 32
+PROBE_SECONDS = 1.0
+"""What :func:`relative_speed`'s probe (the default Assistant answering the first PROBE_QUESTIONS shipped questions,
+4 new tokens, one batch) takes on the benchmark machine."""
+
+
+def settings_for_budget(seconds: float, speed: float = 1.0) -> AxisSettings:
+    """The sampling settings (an :class:`anchor.axis.AxisSettings`) that fit ``seconds`` on a machine ``speed``
+    times as fast as the benchmark's for this model (see :func:`relative_speed`): the most accurate point of the
+    measured frontier whose time fits. ``settings_for_budget(60)`` is the on-the-fly default."""
+    from anchor.axis import AxisSettings
+
+    if not (seconds > 0 and speed > 0) or seconds == float("inf"):
+        raise ValueError(f"seconds={seconds} and speed={speed} must be finite numbers > 0.")
+    fits = [settings for cost, settings in BUDGET_FRONTIER if cost / speed <= seconds]
+    if not fits:
+        cheapest = BUDGET_FRONTIER[0][0] / speed
+        raise ValueError(f"{seconds:g} s is below the cheapest measured axis here (about {cheapest:.0f} s); give a "
+                         f"budget of at least {cheapest:.0f} s, or choose the settings yourself.")
+    return AxisSettings(**{"prompts_per_role": 1, "mode": "generate", **fits[-1]})
+
+
+def relative_speed(model: nn.Module, tokenizer: object) -> float:
+    """How many times faster than the benchmark machine this model extracts here, from a probe of about a second
+    there: one batch of the default Assistant's answers. A bigger model or a slower machine gives a value below 1."""
+    from anchor.personas import load_questions
+
+    prompts = [encode_prompt(tokenizer, _messages("", q)) for q in load_questions()[:PROBE_QUESTIONS]]
+    settings = ExtractionSettings(max_new_tokens=4, batch_size=PROBE_QUESTIONS)
+    run_batch(model, tokenizer, prompts[:2], settings)  # warm-up: lazy initialisation is not speed
+    start = time.perf_counter()
+    run_batch(model, tokenizer, prompts, settings, shared=[_shared_head(prompts)] * len(prompts))
+    return PROBE_SECONDS / (time.perf_counter() - start)

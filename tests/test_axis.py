@@ -242,9 +242,9 @@ def test_resume_into_directory_with_other_settings_is_refused(tiny_model, tiny_t
     assert shard.items == [(0, 0), (0, 1)] and len(shard.texts) == 2
 
 
-def test_axis_cli_writes_bundle_and_report(tmp_path, tiny_model, tiny_tokenizer):
-    from anchor.cli import main
-
+@pytest.fixture
+def cli_inputs(tmp_path, tiny_model, tiny_tokenizer):
+    """A saved tiny model, the tiny roles and questions as files, and the `anchor axis` options naming them."""
     model_dir = tmp_path / "model"
     tiny_model.save_pretrained(model_dir)
     tiny_tokenizer.save_pretrained(model_dir)
@@ -253,14 +253,92 @@ def test_axis_cli_writes_bundle_and_report(tmp_path, tiny_model, tiny_tokenizer)
                                                          for n, p in TINY_ROLES.items()]}))
     questions = tmp_path / "questions.txt"
     questions.write_text("\n".join(TINY_QUESTIONS))
+    return ["axis", "--model", str(model_dir), "--roles-file", str(roles), "--questions-file", str(questions),
+            "--device", "cpu", "--quiet"]
+
+
+def test_axis_cli_writes_bundle_and_report(tmp_path, tiny_model, cli_inputs, capsys):
+    from anchor.cli import main
+
     out = tmp_path / "axis"
-    assert main(["axis", "--model", str(model_dir), "--out", str(out), "--roles-file", str(roles),
-                 "--questions-file", str(questions), "--max-new-tokens", "4"]) == 0
+    assert main([*cli_inputs, "--out", str(out), "--max-new-tokens", "4"]) == 0
     AssistantAxis.from_pretrained(out).check_compatible(tiny_model)
     for name in ("index.html", "report.md", "report.json", "persona_space.png", "layers.png", "roles.png"):
         assert (out / "report" / name).stat().st_size > 0, name
     report = json.loads((out / "report" / "report.json").read_text())
     assert len(report["pc1_cosine"]) == 4 and report["n_roles"] == 4
+    assert main([*cli_inputs, "--out", str(out), "--max-new-tokens", "4"]) == 1  # a finished bundle is kept
+    assert "--overwrite" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("option", "value", "message"), [
+    ("--roles", "1", "1 is below 2: an axis compares at least 2 roles"),  # was: bundle saved, then an IndexError
+    ("--prompts-per-role", "-1", "-1 is below 1"),  # was: silently dropped each role's last prompt
+    ("--prompts-per-role", "0", "0 is below 1"),  # was: a cryptic failure and a manifest refusing the re-run
+    ("--questions", "0", "0 is below 1"),
+    ("--max-new-tokens", "1", "the last generated token is never fed back"),
+    ("--budget-s", "nan", "finite number of seconds"),
+])
+def test_axis_cli_refuses_bad_settings_before_any_work(tmp_path, cli_inputs, capsys, option, value, message):
+    from anchor.cli import main
+
+    out = tmp_path / "axis"
+    with pytest.raises(SystemExit) as exit_:
+        main([*cli_inputs, "--out", str(out), option, value])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument {option}" in err and message in err
+    assert not out.exists()  # nothing written: the corrected command starts clean
+    assert main([*cli_inputs, "--out", str(out), "--max-new-tokens", "3", "--prompts-per-role", "1"]) == 0
+
+
+def test_axis_cli_budget_picks_the_settings_and_refuses_a_clash(tmp_path, cli_inputs, capsys):
+    from anchor.cli import main
+    from anchor.extract import settings_for_budget
+
+    assert main([*cli_inputs, "--out", str(tmp_path / "a"), "--budget-s", "60", "--roles", "4"]) == 1
+    assert "give either --budget-s or those options" in capsys.readouterr().err
+    assert main([*cli_inputs, "--out", str(tmp_path / "b"), "--budget-s", "60"]) == 0
+    chosen = settings_for_budget(60, speed=1e6)  # the tiny model is far faster than the benchmark's
+    meta = AssistantAxis.from_pretrained(tmp_path / "b").metadata
+    assert meta["extraction"]["max_new_tokens"] == chosen.max_new_tokens
+    assert meta["extraction"]["mode"] == chosen.mode
+
+
+SIGINT_SCRIPT = textwrap.dedent("""
+    import os, signal, sys
+    import anchor.extract as ex
+    from anchor.cli import main
+
+    real_save = ex.save_shard
+
+    def save_then_interrupt(shard, path):
+        real_save(shard, path)
+        os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C right after the first unit's shard
+
+    ex.save_shard = save_then_interrupt
+    sys.exit(main(sys.argv[1:]))
+""")
+
+
+def test_axis_cli_ctrl_c_says_in_one_line_that_a_rerun_resumes(tmp_path, cli_inputs, monkeypatch):
+    import anchor.extract as ex
+    from anchor.cli import main
+
+    out = tmp_path / "axis"
+    args = [*cli_inputs, "--out", str(out), "--max-new-tokens", "3", "--batch-size", "4"]
+    proc = subprocess.run([sys.executable, "-c", SIGINT_SCRIPT, *args], capture_output=True, text=True)
+    assert proc.returncode == 130, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.strip() and "Loading weights" not in line]
+    assert len(lines) == 1 and "Traceback" not in proc.stderr  # was: 50 lines of traceback
+    assert f"kept in {out / 'extraction'}; run the same command again to resume from them" in lines[0]
+    done = sorted(p.name for p in (out / "extraction" / "shards").glob("0*.safetensors"))
+    assert done == ["0000-default.safetensors"]
+    calls = []
+    real = ex._extract_unit
+    monkeypatch.setattr(ex, "_extract_unit", lambda *a, **k: calls.append(a[2][0].name) or real(*a, **k))
+    assert main(args) == 0
+    assert "default" not in calls and calls  # resumed: the default's unit was not redone
 
 
 @pytest.mark.slow
