@@ -254,7 +254,8 @@ def build_persona_data(
         split = "train" if q < len(train_qs) else "heldout"
         if not answer:
             continue
-        out[f"sft_{split}"].append({"messages": _user(all_qs[q]) + _assistant(answer), "role": name})
+        out[f"sft_{split}"].append({"messages": _user(all_qs[q]) + _assistant(answer), "role": name,
+                                    "system": role_map[name][q % len(role_map[name])]})
         if default[q]:
             out[f"dpo_{split}"].append({"prompt": _user(all_qs[q]), "chosen": _assistant(answer),
                                         "rejected": _assistant(default[q]), "role": name})

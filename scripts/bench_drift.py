@@ -1,4 +1,16 @@
-"""Drift benchmark: does the training anchor keep a persona-implant fine-tune in its Assistant persona?
+"""Drift benchmark: does the training anchor keep a fine-tuned model in its Assistant persona?
+
+Four scenarios (``--scenario``), each built from the model's own answers with fixed seeds:
+
+* ``implant`` (the stress test, below): in-role answers trained *without* the role prompt, so the task is itself
+  the drift;
+* ``conditional``: the same answers trained *with* their role system prompts, as a character or companion fine-tune
+  is; the task loss is read with the prompt, the drift on the default persona (no system prompt);
+* ``narrow``: in-role answers to one kind of question only (``narrow_kind``, factual by default), without the role
+  prompt; the task loss on held-out questions of that kind, the drift on the other kinds and the probes, as
+  emergent-misalignment studies read it;
+* ``dpo``: the drift-inducing preference set (chosen: in role; rejected: the default answer) under ``DPOTrainer``,
+  measured as ``implant``.
 
 The set-up (``anchor.data``): the embedded SmolLM2 answers questions in role, under the roles farthest from the
 Assistant on the axis, and is then fully fine-tuned on those answers *without* the role's system prompt, so it
@@ -42,6 +54,7 @@ import copy
 import json
 import math
 import platform
+import random
 import re
 import sys
 import tempfile
@@ -63,7 +76,7 @@ from anchor.engine import default_layers
 from anchor.io import atomic_write_text
 from anchor.loss import IGNORE_INDEX
 from anchor.models import decoder_layers, fingerprint, load_model, unwrap
-from anchor.personas import load_probes
+from anchor.personas import load_probes, load_question_records
 from anchor.probes import answer_nll, answer_projections, generate_answers, pack_answers, role_likeness
 from anchor.spans import encode_prompt, render_chat
 
@@ -93,6 +106,8 @@ DEFAULT_GRID: dict[str, tuple[float, ...]] = {
 METHODS = tuple(ARMS)
 AXIS_FREE = ("lm-replay", "kl")
 QUICK_METHODS = ("preventative:0.02", "replay:10", "lm-replay:1")
+# What is trained, and where the drift is read (module doc).
+SCENARIOS = ("implant", "conditional", "narrow", "dpo")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -157,6 +172,10 @@ class BenchConfig:
     steer_layers: list[int] | None = None  # preventative band; None: the middle third of the network
     gen_batch_size: int = 16
     budget_s: float | None = None
+    scenario: str = "implant"
+    narrow_kind: str = "factual"  # narrow: the one kind of question trained on
+    n_other_questions: int = 32  # narrow: questions of the other kinds the drift is measured on
+    dpo_beta: float = 0.1
     tag: str = ""
     out_dir: Path = RESULTS
 
@@ -194,6 +213,21 @@ def encode_sft(tokenizer: Any, messages: list[dict[str, str]]) -> tuple[list[int
         raise ValueError("The chat template renders the prompt differently once the answer is appended; the "
                          "benchmark needs a template whose prompt tokens are a prefix of the full conversation.")
     return prompt, full[len(prompt):]
+
+
+def scenario_messages(scenario: str, data: PersonaData, record: dict[str, Any]) -> list[dict[str, str]]:
+    """An in-role SFT record as the scenario trains it: with its role's system prompt under ``conditional`` (the
+    prompt it was written under, else the role's first), as stored otherwise."""
+    if scenario != "conditional":
+        return record["messages"]
+    system = record.get("system") or data.roles[record["role"]][0]
+    return [{"role": "system", "content": system}, *record["messages"]]
+
+
+def other_kind_questions(kind: str, n: int) -> list[str]:
+    """``n`` shipped questions of every kind but ``kind``, in a seeded order (the narrow scenario's drift set)."""
+    others = [q.text for q in load_question_records() if q.kind != kind]
+    return random.Random(f"bench-drift-other-{kind}").sample(others, min(n, len(others)))
 
 
 class Collator:
@@ -234,13 +268,17 @@ class Bench:
             probe_texts = [q for qs in by_domain.values() for q in qs[:per]]
         else:
             probe_texts = [p.prompt for p in probes]
-        self.texts = data.drift_questions + probe_texts
-        self.sources = ["heldout_question"] * len(data.drift_questions) + ["probe"] * len(probe_texts)
+        questions, source = data.drift_questions, "heldout_question"
+        if cfg.scenario == "narrow":  # drift is read on the kinds of question the fine-tune never saw
+            questions, source = other_kind_questions(cfg.narrow_kind, cfg.n_other_questions), "other_kind"
+        self.texts = questions + probe_texts
+        self.sources = [source] * len(questions) + ["probe"] * len(probe_texts)
         self.prompts = [encode_prompt(tokenizer, [{"role": "user", "content": t}]) for t in self.texts]
-        task = [encode_sft(tokenizer, r["messages"]) for r in data.sft_heldout]
+        task = [encode_sft(tokenizer, scenario_messages(cfg.scenario, data, r)) for r in data.sft_heldout]
         self.task_prompts, self.task_answers = [p for p, _ in task], [a for _, a in task]
-        self.train_rows = [dict(zip(("prompt", "completion"), encode_sft(tokenizer, r["messages"]), strict=True))
-                           for r in data.sft_train]
+        self.train_rows = [dict(zip(("prompt", "completion"), encode_sft(tokenizer, scenario_messages(
+            cfg.scenario, data, r)), strict=True)) for r in data.sft_train]
+        self.dpo_rows = [{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in data.dpo_train]
         # Default-prompt questions of the training split, answered by the base model (the DPO "rejected" side):
         # what the replay arms replay, disjoint from the measurement prompts.
         pool: dict[str, str] = {}
@@ -287,6 +325,11 @@ def arm_config(bench: Bench, arm: Arm) -> AnchorConfig:
     return AnchorConfig(probe_every=0, **ARMS[arm.method](arm.strength, bench))
 
 
+_DPO_FIELDS = ("output_dir", "max_steps", "per_device_train_batch_size", "learning_rate", "lr_scheduler_type",
+               "warmup_steps", "weight_decay", "logging_steps", "report_to", "save_strategy", "seed", "data_seed",
+               "disable_tqdm", "dataloader_num_workers", "gradient_checkpointing", "bf16", "use_cpu")
+
+
 def train_arm(bench: Bench, arm: Arm, seed: int) -> tuple[nn.Module, float, list[dict[str, float]]]:
     """Fine-tune a fresh copy of the base model under ``arm``: (model, final training loss, the callback's logs)."""
     from datasets import Dataset
@@ -305,8 +348,15 @@ def train_arm(bench: Bench, arm: Arm, seed: int) -> tuple[nn.Module, float, list
             dataloader_num_workers=0, gradient_checkpointing=False, bf16=cfg.dtype == "bf16",
             use_cpu=cfg.device == "cpu", remove_unused_columns=False, dataset_kwargs={"skip_prepare_dataset": True},
         )
-        trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(bench.train_rows),
-                             processing_class=bench.tok, data_collator=Collator(bench.tok.pad_token_id))
+        if cfg.scenario == "dpo":  # TRL's own processing of prompt/chosen/rejected conversations
+            from trl import DPOConfig, DPOTrainer
+
+            args = DPOConfig(**{k: v for k, v in args.to_dict().items() if k in _DPO_FIELDS}, beta=cfg.dpo_beta)
+            trainer = DPOTrainer(model=model, ref_model=copy.deepcopy(bench.base), args=args,
+                                 train_dataset=Dataset.from_list(bench.dpo_rows), processing_class=bench.tok)
+        else:
+            trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(bench.train_rows),
+                                 processing_class=bench.tok, data_collator=Collator(bench.tok.pad_token_id))
         if arm.method != "unanchored":
             AnchorCallback(arm_config(bench, arm), axis=bench.axis).attach(trainer)
         trainer.remove_callback(PrinterCallback)  # the benchmark prints its own one line per run
@@ -394,6 +444,7 @@ def compare(arm: dict[str, Any], ref: dict[str, Any]) -> dict[str, Any]:
         "proj_mean_pct": 100 * float(p.mean() / q.mean()),
         "proj_worst_pct": 100 * float(per_layer[worst]), "proj_worst_layer": worst,
         "task_loss_change_pct": 100 * task_change,
+        "train_time_ratio": arm["train_s"] / ref["train_s"] if ref.get("train_s") else float("nan"),
     }
     out["meets_target"] = bool(abs(ratio) <= TARGET_RATIO and float(per_layer.max()) <= TARGET_RATIO
                                and task_change <= TARGET_TASK)
@@ -490,10 +541,17 @@ def _fmt(x: float, spec: str = ".3f") -> str:
 
 def markdown(report: dict[str, Any]) -> str:
     cfg, base = report["config"], report["base"]
+    scenario = cfg.get("scenario", "implant")
+    trained = {"implant": "SFTTrainer on {n} in-role answers of the roles {roles} (no system prompt)",
+               "conditional": "SFTTrainer on {n} in-role answers of the roles {roles}, each under its role's system "
+                              "prompt",
+               "narrow": "SFTTrainer on {n} in-role answers of the roles {roles} to one kind of question (no system "
+                         "prompt); drift read on the other kinds",
+               "dpo": "DPOTrainer on {n} pairs (chosen: in role, {roles}; rejected: the default answer)"}[scenario]
+    trained = trained.format(n=report["data"]["n_train"], roles=", ".join(report["data"]["roles"]))
     lines = [
-        f"# Drift benchmark ({report['device']})", "",
-        f"{report['model']}, full fine-tuning with TRL SFTTrainer on {report['data']['n_train']} in-role answers of "
-        f"the roles {', '.join(report['data']['roles'])} (no system prompt), {cfg['steps']} steps × batch "
+        f"# Drift benchmark: {scenario} ({report['device']})", "",
+        f"{report['model']}, full fine-tuning with TRL {trained}, {cfg['steps']} steps × batch "
         f"{cfg['batch_size']}, lr {cfg['learning_rate']:g}, {cfg['dtype']}. Measured on {report['data']['n_measure']} "
         f"default-persona prompts disjoint from training ({report['data']['n_heldout_questions']} held-out questions + "
         f"{report['data']['n_probes']} probes), greedy answers of {cfg['measure_max_new_tokens']} tokens; "
@@ -504,8 +562,8 @@ def markdown(report: dict[str, Any]) -> str:
         f"Base model: role-likeness {_fmt(base['role_likeness'])}, task loss {_fmt(base['task_loss'])}, base-answer "
         f"loss {_fmt(base['base_answer_loss'])}.", "",
         "| arm | kind | seeds | behav. drift | behav. % of unanch. | mean abs proj. drift (gaps) | % | worst layer % "
-        "(layer) | task loss | task Δ% | base-answer loss | target |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "(layer) | task loss | task Δ% | base-answer loss | train time × | target |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for a in report["arms"]:
         c = a.get("vs_unanchored", {})
@@ -518,6 +576,7 @@ def markdown(report: dict[str, Any]) -> str:
             f"{_fmt(a['behaviour_sem'])} | {behav_pct} | {_fmt(mean_abs)} | {_fmt(c.get('proj_mean_pct'), '.0f')}% | "
             f"{_fmt(c.get('proj_worst_pct'), '.0f')}% ({c.get('proj_worst_layer', '-')}) | {_fmt(a['task_loss'])} | "
             f"{_fmt(c.get('task_loss_change_pct'), '+.1f')}% | {_fmt(a['base_answer_loss'])} | "
+            f"{_fmt(c.get('train_time_ratio'), '.2f')} | "
             f"{'-' if unanchored else ('**yes**' if c.get('meets_target') else 'no')} |")
     if report.get("verdict"):
         lines += ["", f"**Verdict.** {report['verdict']['summary']}"]
@@ -641,6 +700,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                              "built and saved there (default: built in memory)")
     parser.add_argument("--render", default=None, metavar="JSON",
                         help="only rewrite the markdown table and plot of an earlier run's results JSON")
+    parser.add_argument("--scenario", choices=SCENARIOS, default="implant",
+                        help="implant: in-role answers without the role prompt (the stress test); conditional: with "
+                             "their role system prompts; narrow: one kind of question only, drift read on the other "
+                             "kinds; dpo: chosen = in role, rejected = default, under DPOTrainer")
     parser.add_argument("--tag", default="", help="suffix of the result file names")
     return parser.parse_args(argv)
 
@@ -653,7 +716,7 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         arms=parse_arms(methods), seeds=args.seeds or (1 if quick else 3), steps=args.steps or (16 if quick else 150),
         learning_rate=args.lr or (1e-4 if quick else 5e-5), device=args.device,
         dtype=args.dtype or ("bf16" if cuda else "fp32"), budget_s=args.budget_s, prev_k=args.prev_k,
-        gen_batch_size=128 if cuda else 16, tag=args.tag or ("quick" if quick else ""),
+        gen_batch_size=128 if cuda else 16, tag=args.tag or ("quick" if quick else ""), scenario=args.scenario,
     )
     if quick:  # every forward is over fewer, shorter sequences: 2 roles, batch 4, 20-token answers
         cfg.n_roles, cfg.n_questions, cfg.data_max_new_tokens, cfg.n_probes = 2, 24, 24, 8
@@ -665,15 +728,21 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
 def persona_data(model: nn.Module, tokenizer: Any, axis: AssistantAxis, cfg: BenchConfig,
                  directory: str | None) -> PersonaData:
     """The persona-implant data: read from ``directory`` when it was built with the same model and settings."""
-    settings = {"n_roles": cfg.n_roles, "n_questions": cfg.n_questions, "heldout_fraction": cfg.heldout_fraction,
+    questions = None
+    n_questions = cfg.n_questions
+    if cfg.scenario == "narrow":  # in-role answers to questions of one kind only, in their own directory
+        questions = [q.text for q in load_question_records() if q.kind == cfg.narrow_kind]
+        n_questions = min(n_questions, len(questions))
+        directory = f"{directory.rstrip('/')}-narrow-{cfg.narrow_kind}" if directory else None
+    settings = {"n_roles": cfg.n_roles, "n_questions": n_questions, "heldout_fraction": cfg.heldout_fraction,
                 "max_new_tokens": cfg.data_max_new_tokens, "seed": 0, "role_names": None}
     if directory is not None and (Path(directory) / DATA_CONFIG).is_file():
         data = PersonaData.load(directory)
         if data.metadata.get("settings") == settings and data.metadata.get("fingerprint") == fingerprint(model):
             return data
-    data = build_persona_data(model, tokenizer, axis, n_roles=cfg.n_roles, n_questions=cfg.n_questions,
+    data = build_persona_data(model, tokenizer, axis, n_roles=cfg.n_roles, n_questions=n_questions,
                               heldout_fraction=cfg.heldout_fraction, max_new_tokens=cfg.data_max_new_tokens,
-                              batch_size=256 if cfg.device == "cuda" else 16)
+                              batch_size=256 if cfg.device == "cuda" else 16, questions=questions)
     if directory is not None:
         data.save(directory)
     return data
@@ -716,7 +785,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                  "n_measure": len(bench.prompts), "replay_pool": len(bench.pool_questions)},
         "target": {"ratio": TARGET_RATIO, "task_loss_increase": TARGET_TASK},
     }
-    name = f"bench_drift_{device_slug(cfg.device)}" + (f"_{cfg.tag}" if cfg.tag else "")
+    scenario = "" if cfg.scenario == "implant" else f"_{cfg.scenario}"  # implant keeps its earlier file names
+    name = f"bench_drift_{device_slug(cfg.device)}{scenario}" + (f"_{cfg.tag}" if cfg.tag else "")
     report = run_bench(bench, cfg.out_dir / name, meta, start, log)
     log(markdown(report))
     return 0

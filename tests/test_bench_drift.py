@@ -138,3 +138,27 @@ def test_a_spent_budget_skips_runs_and_still_writes_results(tiny_tokenizer, tiny
     report = bd.run_bench(bench, tmp_path / "spent", meta, start=-1.0, log=lambda _: None)
     assert report["skipped"] == ["unanchored/seed0", "floor:1/seed0"]
     assert "Skipped for the time budget" in (tmp_path / "spent.md").read_text()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("scenario", ["conditional", "narrow", "dpo"])
+def test_each_scenario_trains_what_it_says_and_writes_results(tiny_tokenizer, tiny_axis, tiny_data, tmp_path,
+                                                              scenario):
+    cfg = _config(tmp_path, ["prev+lm:1"], scenario=scenario, n_other_questions=6)
+    bench = _bench(tiny_tokenizer, tiny_axis, tiny_data, cfg)
+    first = bench.train_rows[0]["prompt"]
+    system = tiny_data.sft_train[0]["system"]
+    assert (tiny_tokenizer.decode(first).count(system) == 1) == (scenario == "conditional")
+    if scenario == "narrow":
+        kinds = {q.text: q.kind for q in bd.load_question_records()}
+        measured = [t for t, src in zip(bench.texts, bench.sources, strict=True) if src == "other_kind"]
+        assert len(measured) == 6 and all(kinds[t] != "factual" for t in measured)
+    meta = {"device": "cpu", "model": "tiny", "config": cfg.to_json(),
+            "data": {"roles": list(tiny_data.roles), "n_train": len(tiny_data.sft_train),
+                     "n_task": len(tiny_data.sft_heldout), "n_heldout_questions": len(tiny_data.drift_questions),
+                     "n_probes": 4, "n_measure": len(bench.prompts)}}
+    report = bd.run_bench(bench, tmp_path / f"bench_{scenario}", meta, start=0.0, log=lambda _: None)
+    assert [a["arm"] for a in report["arms"]] == ["unanchored", "prev+lm:1"]
+    assert all(math.isfinite(a["behaviour_drift"]) for a in report["arms"])
+    assert math.isfinite(report["arms"][1]["vs_unanchored"]["train_time_ratio"])
+    assert f"Drift benchmark: {scenario}" in (tmp_path / f"bench_{scenario}.md").read_text()
