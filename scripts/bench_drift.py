@@ -97,14 +97,21 @@ ARMS: dict[str, Callable[[float, Bench], dict[str, Any]]] = {
     "replay": lambda s, b: dict(method=["replay"], weight=s, **b.replay),
     "match": lambda s, b: dict(method=["match"], weight=s),
     "floor": lambda s, b: dict(method=["floor"], weight=s),
+    "inoculate": lambda s, b: None,  # no anchor: the training data carries INOCULATION_PROMPT (data_rows)
 }
+INOCULATION_PROMPT = "You are playing a character in a story, not speaking as yourself. Stay in the character's voice."
+"""A generic role prompt added to every training example of the ``inoculate`` arm, at training time only.
+
+Generic on purpose: a role's own prompt would make its answers on-policy, so nothing would be learnt; the question is
+whether a prompt that merely *explains* the role-play lets the model file the behaviour under it (inoculation
+prompting, arXiv 2510.04340). Its drift is also read with this prompt given at test time (the trigger leak)."""
 # The strengths tried when none is given, ordered by promise so a time budget cuts the expected failures first.
 DEFAULT_GRID: dict[str, tuple[float, ...]] = {
     "prev+lm": (1.0,), "preventative": (0.01, 0.02), "prev+kl": (1.0,), "lm-replay": (1.0,), "kl": (1.0,),
-    "replay": (1.0, 10.0), "match": (1.0, 10.0), "floor": (1.0, 10.0),
+    "replay": (1.0, 10.0), "match": (1.0, 10.0), "floor": (1.0, 10.0), "inoculate": (1.0,),
 }
 METHODS = tuple(ARMS)
-AXIS_FREE = ("lm-replay", "kl")
+AXIS_FREE = ("lm-replay", "kl", "inoculate")
 QUICK_METHODS = ("preventative:0.02", "replay:10", "lm-replay:1")
 # What is trained, and where the drift is read (module doc).
 SCENARIOS = ("implant", "conditional", "narrow", "dpo")
@@ -279,6 +286,11 @@ class Bench:
         self.train_rows = [dict(zip(("prompt", "completion"), encode_sft(tokenizer, scenario_messages(
             cfg.scenario, data, r)), strict=True)) for r in data.sft_train]
         self.dpo_rows = [{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in data.dpo_train]
+        self.inoculated_rows = [] if cfg.scenario in ("conditional", "dpo") else [
+            dict(zip(("prompt", "completion"), encode_sft(tokenizer, inoculated(r["messages"])), strict=True))
+            for r in data.sft_train]
+        self.leak_prompts = [encode_prompt(tokenizer, inoculated([{"role": "user", "content": t}]))
+                             for t in self.texts]
         # Default-prompt questions of the training split, answered by the base model (the DPO "rejected" side):
         # what the replay arms replay, disjoint from the measurement prompts.
         pool: dict[str, str] = {}
@@ -314,15 +326,32 @@ class Bench:
         kept = answer_nll(model, self.prompts, reference, cfg.gen_batch_size, pad)
         return Measurement(answers, proj, score, float(task.nanmean()), float(kept.nanmean()))
 
+    def trigger_leak(self, model: nn.Module) -> torch.Tensor:
+        """Role-likeness change of ``model``'s answers when the inoculation prompt *is* given, per prompt."""
+        cfg, tok = self.cfg, self.tok
+        model.eval()
+        answers = generate_answers(model, tok, self.leak_prompts, cfg.measure_max_new_tokens, cfg.gen_batch_size)
+        score = role_likeness(self.base, tok, self.texts, answers, self.role_prompts, cfg.gen_batch_size)
+        return score - self.base_measure.role_likeness
+
 
 # ---------------------------------------------------------------------------------------------------------------
 # One run
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def arm_config(bench: Bench, arm: Arm) -> AnchorConfig:
-    """The public configuration of ``arm``: what a user would write to run it."""
-    return AnchorConfig(probe_every=0, **ARMS[arm.method](arm.strength, bench))
+def arm_config(bench: Bench, arm: Arm) -> AnchorConfig | None:
+    """The public configuration of ``arm``: what a user would write to run it (None: no anchor)."""
+    fields = ARMS[arm.method](arm.strength, bench) if arm.method in ARMS else None
+    return AnchorConfig(probe_every=0, **fields) if fields is not None else None
+
+
+def inoculated(messages: list[dict[str, str]]) -> list[dict[str, str]]:
+    """``messages`` with :data:`INOCULATION_PROMPT` as their system message."""
+    if messages and messages[0]["role"] == "system":
+        raise ValueError("The inoculate arm adds a system prompt to examples that have none; the conditional scenario "
+                         "already trains under the roles' own prompts.")
+    return [{"role": "system", "content": INOCULATION_PROMPT}, *messages]
 
 
 _DPO_FIELDS = ("output_dir", "max_steps", "per_device_train_batch_size", "learning_rate", "lr_scheduler_type",
@@ -348,17 +377,21 @@ def train_arm(bench: Bench, arm: Arm, seed: int) -> tuple[nn.Module, float, list
             dataloader_num_workers=0, gradient_checkpointing=False, bf16=cfg.dtype == "bf16",
             use_cpu=cfg.device == "cpu", remove_unused_columns=False, dataset_kwargs={"skip_prepare_dataset": True},
         )
+        inoculate = arm.method == "inoculate"
         if cfg.scenario == "dpo":  # TRL's own processing of prompt/chosen/rejected conversations
             from trl import DPOConfig, DPOTrainer
 
+            rows = [{**r, "prompt": inoculated(r["prompt"])} for r in bench.dpo_rows] if inoculate else bench.dpo_rows
             args = DPOConfig(**{k: v for k, v in args.to_dict().items() if k in _DPO_FIELDS}, beta=cfg.dpo_beta)
             trainer = DPOTrainer(model=model, ref_model=copy.deepcopy(bench.base), args=args,
-                                 train_dataset=Dataset.from_list(bench.dpo_rows), processing_class=bench.tok)
+                                 train_dataset=Dataset.from_list(rows), processing_class=bench.tok)
         else:
-            trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(bench.train_rows),
-                                 processing_class=bench.tok, data_collator=Collator(bench.tok.pad_token_id))
-        if arm.method != "unanchored":
-            AnchorCallback(arm_config(bench, arm), axis=bench.axis).attach(trainer)
+            trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(
+                bench.inoculated_rows if inoculate else bench.train_rows), processing_class=bench.tok,
+                data_collator=Collator(bench.tok.pad_token_id))
+        config = arm_config(bench, arm)
+        if config is not None:
+            AnchorCallback(config, axis=bench.axis).attach(trainer)
         trainer.remove_callback(PrinterCallback)  # the benchmark prints its own one line per run
         trainer.train()
         history = trainer.state.log_history
@@ -421,6 +454,8 @@ def summarise_arm(runs: list[dict[str, Any]]) -> dict[str, Any]:
         "task_loss": float(task.mean()), "task_loss_sem": _mean_sem(task)[1],
         "base_answer_loss": float(kept.mean()), "base_answer_loss_sem": _mean_sem(kept)[1],
         "train_s": sum(r["train_s"] for r in runs) / len(runs),
+        **({"trigger_leak_drift": sum(r["trigger_leak_drift"] for r in runs) / len(runs)}
+           if all("trigger_leak_drift" in r for r in runs) else {}),
     }
 
 
@@ -578,6 +613,10 @@ def markdown(report: dict[str, Any]) -> str:
             f"{_fmt(c.get('task_loss_change_pct'), '+.1f')}% | {_fmt(a['base_answer_loss'])} | "
             f"{_fmt(c.get('train_time_ratio'), '.2f')} | "
             f"{'-' if unanchored else ('**yes**' if c.get('meets_target') else 'no')} |")
+    leaks = [a for a in report["arms"] if "trigger_leak_drift" in a]
+    if leaks:
+        lines += ["", "Trigger leak (behavioural drift with the inoculation prompt given at test time, nats/token): "
+                  + ", ".join(f"{a['arm']} {_fmt(a['trigger_leak_drift'], '+.3f')}" for a in leaks) + "."]
     if report.get("verdict"):
         lines += ["", f"**Verdict.** {report['verdict']['summary']}"]
     if report["skipped"]:
@@ -662,9 +701,11 @@ def run_bench(bench: Bench, stem: Path, meta: dict[str, Any], start: float,
         model, final_loss, anchor_logs = train_arm(bench, arm, seed)
         t1 = time.perf_counter()
         m = bench.measure(model, bench.base_measure.answers)
+        leak = _mean_sem(bench.trigger_leak(model)) if arm.method == "inoculate" else None
         t2 = time.perf_counter()
         del model
-        runs.append({**run_record(bench, arm, seed, m, t1 - t0, t2 - t1, final_loss), "anchor_logs": anchor_logs})
+        runs.append({**run_record(bench, arm, seed, m, t1 - t0, t2 - t1, final_loss), "anchor_logs": anchor_logs,
+                     **({"trigger_leak_drift": leak[0], "trigger_leak_sem": leak[1]} if leak else {})})
         r = runs[-1]
         log(f"    train {t1 - t0:.1f}s, measure {t2 - t1:.1f}s; loss {final_loss:.3f}, behaviour drift "
             f"{r['behaviour_drift']:+.3f}, mean |proj drift| "

@@ -91,6 +91,9 @@ def test_every_arm_is_a_line_of_public_configuration(tiny_tokenizer, tiny_axis, 
     bench = _bench(tiny_tokenizer, tiny_axis, tiny_data, _config(tmp_path, []))
     for method in bd.ARMS:
         config = bd.arm_config(bench, bd.Arm(method, 0.5))
+        if method == "inoculate":  # a data arm: no anchor, the examples carry the inoculation prompt
+            assert config is None and bd.INOCULATION_PROMPT in tiny_tokenizer.decode(bench.inoculated_rows[0]["prompt"])
+            continue
         assert isinstance(config, bd.AnchorConfig) and config.probe_every == 0
     prev_lm = bd.arm_config(bench, bd.Arm("prev+lm", 0.5))
     assert prev_lm.method == ["preventative", "lm_replay"] and prev_lm.weights() == {"preventative": 1.0,
@@ -144,7 +147,8 @@ def test_a_spent_budget_skips_runs_and_still_writes_results(tiny_tokenizer, tiny
 @pytest.mark.parametrize("scenario", ["conditional", "narrow", "dpo"])
 def test_each_scenario_trains_what_it_says_and_writes_results(tiny_tokenizer, tiny_axis, tiny_data, tmp_path,
                                                               scenario):
-    cfg = _config(tmp_path, ["prev+lm:1"], scenario=scenario, n_other_questions=6)
+    arms = ["prev+lm:1"] if scenario == "conditional" else ["prev+lm:1", "inoculate"]
+    cfg = _config(tmp_path, arms, scenario=scenario, n_other_questions=6)
     bench = _bench(tiny_tokenizer, tiny_axis, tiny_data, cfg)
     first = bench.train_rows[0]["prompt"]
     system = tiny_data.sft_train[0]["system"]
@@ -158,7 +162,10 @@ def test_each_scenario_trains_what_it_says_and_writes_results(tiny_tokenizer, ti
                      "n_task": len(tiny_data.sft_heldout), "n_heldout_questions": len(tiny_data.drift_questions),
                      "n_probes": 4, "n_measure": len(bench.prompts)}}
     report = bd.run_bench(bench, tmp_path / f"bench_{scenario}", meta, start=0.0, log=lambda _: None)
-    assert [a["arm"] for a in report["arms"]] == ["unanchored", "prev+lm:1"]
+    assert [a["arm"] for a in report["arms"]] == ["unanchored", *(a if ":" in a else f"{a}:1" for a in arms)]
     assert all(math.isfinite(a["behaviour_drift"]) for a in report["arms"])
     assert math.isfinite(report["arms"][1]["vs_unanchored"]["train_time_ratio"])
-    assert f"Drift benchmark: {scenario}" in (tmp_path / f"bench_{scenario}.md").read_text()
+    table = (tmp_path / f"bench_{scenario}.md").read_text()
+    assert f"Drift benchmark: {scenario}" in table
+    if scenario != "conditional":  # inoculation is read with its prompt given too
+        assert math.isfinite(report["arms"][2]["trigger_leak_drift"]) and "Trigger leak" in table
