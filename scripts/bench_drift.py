@@ -759,9 +759,10 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         dtype=args.dtype or ("bf16" if cuda else "fp32"), budget_s=args.budget_s, prev_k=args.prev_k,
         gen_batch_size=128 if cuda else 16, tag=args.tag or ("quick" if quick else ""), scenario=args.scenario,
     )
-    if quick:  # every forward is over fewer, shorter sequences: 2 roles, batch 4, 20-token answers
-        cfg.n_roles, cfg.n_questions, cfg.data_max_new_tokens, cfg.n_probes = 2, 24, 24, 8
-        cfg.batch_size, cfg.measure_max_new_tokens = 4, 20
+    if quick:  # training forwards over fewer, shorter sequences (2 roles, batch 4); the drift still read on at
+        # least 48 prompts with 32-token answers, so the error bars can separate the arms that matter
+        cfg.n_roles, cfg.n_questions, cfg.data_max_new_tokens, cfg.n_probes = 2, 24, 24, 44
+        cfg.batch_size, cfg.measure_max_new_tokens = 4, 32
         cfg.replay_batch_size, cfg.replay_max_new_tokens = 4, 16
     return cfg
 
