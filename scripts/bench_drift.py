@@ -97,6 +97,10 @@ ARMS: dict[str, Callable[[float, Bench], dict[str, Any]]] = {
     "replay": lambda s, b: dict(method=["replay"], weight=s, **b.replay),
     "match": lambda s, b: dict(method=["match"], weight=s),
     "floor": lambda s, b: dict(method=["floor"], weight=s),
+    "incremental": lambda s, b: dict(method=["incremental"], incremental_coefficient=s),
+    "ablate": lambda s, b: dict(method=["ablate"], weight=s, layers=b.steering["layers"]),
+    "abl+kl": lambda s, b: dict(method=["ablate", "kl"], method_weights=[1.0, s], layers=b.steering["layers"],
+                                **b.replay),
     "inoculate": lambda s, b: None,  # no anchor: the training data carries INOCULATION_PROMPT (data_rows)
 }
 INOCULATION_PROMPT = "You are playing a character in a story, not speaking as yourself. Stay in the character's voice."
@@ -107,8 +111,9 @@ whether a prompt that merely *explains* the role-play lets the model file the be
 prompting, arXiv 2510.04340). Its drift is also read with this prompt given at test time (the trigger leak)."""
 # The strengths tried when none is given, ordered by promise so a time budget cuts the expected failures first.
 DEFAULT_GRID: dict[str, tuple[float, ...]] = {
-    "prev+lm": (1.0,), "preventative": (0.01, 0.02), "prev+kl": (1.0,), "lm-replay": (1.0,), "kl": (1.0,),
-    "replay": (1.0, 10.0), "match": (1.0, 10.0), "floor": (1.0, 10.0), "inoculate": (1.0,),
+    "prev+lm": (1.0,), "preventative": (0.005, 0.01, 0.02), "prev+kl": (1.0,), "lm-replay": (0.3, 1.0, 3.0),
+    "kl": (0.3, 1.0, 3.0), "incremental": (0.25, 0.5, 1.0), "ablate": (0.5, 0.75, 1.0), "abl+kl": (1.0,),
+    "inoculate": (1.0,), "replay": (1.0, 10.0), "match": (1.0, 10.0), "floor": (1.0, 10.0),
 }
 METHODS = tuple(ARMS)
 AXIS_FREE = ("lm-replay", "kl", "inoculate")
