@@ -53,8 +53,8 @@ def _bench(tiny_tokenizer, tiny_axis, tiny_data, cfg):
 
 def test_arms_expand_to_the_default_grid_or_the_given_strength():
     arms = bd.parse_arms(["floor", "replay:3", "kl"])
-    assert [a.name for a in arms] == ["unanchored", "floor:1", "floor:10", "replay:3", "kl:1"]
-    assert [a.kind for a in arms] == ["baseline", "axis", "axis", "axis", "control (no axis)"]
+    assert [a.name for a in arms] == ["unanchored", "floor:1", "floor:10", "replay:3", "kl:0.3", "kl:1", "kl:3"]
+    assert [a.kind for a in arms] == ["baseline", "axis", "axis", "axis", *["control (no axis)"] * 3]
     assert bd.Arm("prev+replay", 10).kind == "axis"
     with pytest.raises(ValueError, match="Unknown method 'flor'"):
         bd.parse_arms(["flor"])
