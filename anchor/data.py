@@ -204,14 +204,28 @@ def _assistant(answer: str) -> Messages:
     return [{"role": "assistant", "content": answer}]
 
 
+@dataclass(frozen=True)
+class DataDefaults:
+    """The persona data's default size, written once: ``build_persona_data``, ``anchor data``, the recipes'
+    ``persona_*`` fields and the drift benchmark read it from here."""
+
+    n_roles: int = 4
+    n_questions: int = 120
+    heldout_fraction: float = 0.25
+    max_new_tokens: int = 64
+
+
+DEFAULTS = DataDefaults()
+
+
 def build_persona_data(
     model: nn.Module,
     tokenizer: object,
     axis: AssistantAxis | None,
-    n_roles: int = 4,
-    n_questions: int = 120,
-    heldout_fraction: float = 0.25,
-    max_new_tokens: int = 64,
+    n_roles: int = DEFAULTS.n_roles,
+    n_questions: int = DEFAULTS.n_questions,
+    heldout_fraction: float = DEFAULTS.heldout_fraction,
+    max_new_tokens: int = DEFAULTS.max_new_tokens,
     seed: int = 0,
     role_names: Sequence[str] | None = None,
     batch_size: int = 16,
@@ -273,4 +287,5 @@ def build_persona_data(
     return PersonaData(**out, metadata=metadata)
 
 
-__all__ = ["SPLITS", "PersonaData", "build_persona_data", "far_roles", "read_jsonl", "split_questions"]
+__all__ = ["DEFAULTS", "SPLITS", "DataDefaults", "PersonaData", "build_persona_data", "far_roles", "read_jsonl",
+           "split_questions"]

@@ -49,6 +49,7 @@ from torch import nn
 from anchor.axis import CONFIG_NAME as AXIS_CONFIG
 from anchor.axis import AssistantAxis, cached_axis
 from anchor.callback import AnchorCallback, AnchorConfig
+from anchor.data import DEFAULTS as DATA_DEFAULTS
 from anchor.data import PersonaData, build_persona_data, read_jsonl
 from anchor.io import atomic_write_json, atomic_write_text, nan_to_none
 from anchor.models import EMBEDDED, fingerprint, load_model
@@ -84,13 +85,16 @@ class RecipeArguments:
         "help": "JSONL of held-out examples for the task loss (default: the persona data's held-out split)."})
     build_data: bool = field(default=True, metadata={
         "help": "Build the persona data into `dataset` from the model itself when the directory is missing."})
-    persona_roles: int = field(default=4, metadata={"help": "Persona data: number of far roles to implant."})
+    persona_roles: int = field(
+        default=DATA_DEFAULTS.n_roles, metadata={"help": "Persona data: number of far roles to implant."})
     persona_role_names: list[str] | None = field(default=None, metadata={
         "help": "Persona data: implant these roles instead of the axis's farthest ones."})
-    persona_questions: int = field(default=120, metadata={"help": "Persona data: shipped questions sampled."})
-    persona_heldout_fraction: float = field(default=0.25, metadata={
-        "help": "Persona data: share of questions held out."})
-    persona_max_new_tokens: int = field(default=64, metadata={"help": "Persona data: tokens generated per answer."})
+    persona_questions: int = field(
+        default=DATA_DEFAULTS.n_questions, metadata={"help": "Persona data: shipped questions sampled."})
+    persona_heldout_fraction: float = field(
+        default=DATA_DEFAULTS.heldout_fraction, metadata={"help": "Persona data: share of questions held out."})
+    persona_max_new_tokens: int = field(
+        default=DATA_DEFAULTS.max_new_tokens, metadata={"help": "Persona data: tokens generated per answer."})
     persona_seed: int = field(default=0, metadata={"help": "Persona data: seed of the question sample and split."})
     anchor: bool = field(default=True, metadata={
         "help": "Attach the AnchorCallback. For an unanchored twin keep it on and set --weight 0 (same measurements, "

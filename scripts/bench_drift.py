@@ -71,6 +71,7 @@ from torch import nn
 from anchor.axis import AssistantAxis
 from anchor.callback import AnchorCallback, AnchorConfig
 from anchor.data import CONFIG_NAME as DATA_CONFIG
+from anchor.data import DEFAULTS as DATA_DEFAULTS
 from anchor.data import PersonaData, build_persona_data
 from anchor.engine import default_layers
 from anchor.io import atomic_write_text
@@ -171,10 +172,10 @@ class BenchConfig:
     learning_rate: float = 5e-5
     device: str = "cpu"
     dtype: str = "fp32"
-    n_roles: int = 4
-    n_questions: int = 120
-    heldout_fraction: float = 0.25
-    data_max_new_tokens: int = 64
+    n_roles: int = DATA_DEFAULTS.n_roles
+    n_questions: int = DATA_DEFAULTS.n_questions
+    heldout_fraction: float = DATA_DEFAULTS.heldout_fraction
+    data_max_new_tokens: int = DATA_DEFAULTS.max_new_tokens
     n_probes: int | None = None  # None: all shipped probes
     measure_max_new_tokens: int = 64
     replay_batch_size: int = 8

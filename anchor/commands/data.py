@@ -18,11 +18,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace persona data already in --out")
     p.add_argument("--axis", default=None,
                    help="axis bundle to pick the far roles from (default: computed once per model and cached)")
-    p.add_argument("--roles", type=int, default=4, help="number of far roles (default 4)")
+    p.add_argument("--roles", type=int, default=None, help="number of far roles (default: anchor.data.DEFAULTS)")
     p.add_argument("--role-names", nargs="+", default=None, help="use these roles instead of the axis's far ones")
-    p.add_argument("--questions", type=int, default=120, help="shipped questions to sample (default 120)")
-    p.add_argument("--heldout-fraction", type=float, default=0.25, help="share of questions held out (default 0.25)")
-    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--questions", type=int, default=None,
+                   help="shipped questions to sample (default: anchor.data.DEFAULTS)")
+    p.add_argument("--heldout-fraction", type=float, default=None,
+                   help="share of questions held out (default: anchor.data.DEFAULTS)")
+    p.add_argument("--max-new-tokens", type=int, default=None, help="tokens per answer (default: anchor.data.DEFAULTS)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
@@ -30,9 +32,13 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from anchor.axis import AssistantAxis
-    from anchor.data import CONFIG_NAME, SPLITS, build_persona_data
+    from anchor.data import CONFIG_NAME, DEFAULTS, SPLITS, build_persona_data
     from anchor.io import check_output_dir
 
+    for option, name in (("roles", "n_roles"), ("questions", "n_questions"), ("heldout_fraction", "heldout_fraction"),
+                         ("max_new_tokens", "max_new_tokens")):
+        if getattr(args, option) is None:
+            setattr(args, option, getattr(DEFAULTS, name))
     check_output_dir(args.out, [CONFIG_NAME], "--out", args.overwrite)
     axis = AssistantAxis.from_pretrained(args.axis) if args.axis and not args.role_names else None
     model, tokenizer = load_model_from_args(args)
