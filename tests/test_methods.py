@@ -141,7 +141,7 @@ def test_kl_gradient_equals_the_explicit_kl_to_the_base_model(tiny_tokenizer, ti
 
     model = model_with(CHECKPOINTING[checkpointing])
     anchor = Anchor(model, tiny_axis, "kl", LAYERS, weight, reference=Reference(model))
-    anchor.method("kl").set_batch(ids, attention, answer, step=0)
+    anchor.method("kl").set_batch(anchor, ids, attention, answer, step=0)
     anchor.start_step(0)
     model(**batch)
     assert anchor.pop_metrics()["kl"][0].item() == pytest.approx(0.0, abs=1e-7)  # still the base model

@@ -169,6 +169,38 @@ def refresh_due(batch_step: int | None, step: int, every: int) -> bool:
     return batch_step is None or (step % every == 0 and batch_step != step)
 
 
+class OnPolicyMethod(AnchorMethod):
+    """A method that reads the current model's own sampled answers to default-persona prompts, re-sampled every
+    ``replay_refresh_steps`` optimizer steps (seeded by seed, step and rank, so a resume samples the same ones).
+
+    Subclasses say whether the prompts carry default system prompts, and take each new sample in
+    :meth:`set_batch`; :attr:`sampled_at` is the step of the current sample (None before the first).
+    """
+
+    fields: ClassVar[tuple[str, ...]] = ("replay_batch_size", "replay_refresh_steps", "replay_max_new_tokens",
+                                         "replay_questions")
+    needs_template = True
+    system_prompts: ClassVar[bool] = False
+    sampled_at: int | None = None
+
+    def setup(self, run: RunContext) -> None:
+        from anchor.personas import load_default_prompts
+
+        self._tokenizer = run.tokenizer
+        systems = load_default_prompts() if self.system_prompts else ("",)
+        self._prompts = default_prompts(run.tokenizer, replay_questions(self.config), self.config.replay_batch_size,
+                                        f"anchor-{self.name}-{run.seed}", systems)
+
+    def start_step(self, engine: Anchor, step: int) -> None:
+        if refresh_due(self.sampled_at, step, self.config.replay_refresh_steps):
+            self.set_batch(engine, *on_policy_batch(engine, self._tokenizer, self._prompts, step), step=step)
+
+    def set_batch(self, engine: Anchor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                  answer_mask: torch.Tensor, step: int) -> None:
+        """Use these right-padded answers ``[N, T]`` (``answer_mask``: the answer tokens) from now on."""
+        raise NotImplementedError
+
+
 def replay_questions(config: AnchorConfig) -> list[str]:
     """The questions replay-style methods ask: the configured ones, else the shipped questions."""
     from anchor.personas import load_questions
@@ -176,5 +208,5 @@ def replay_questions(config: AnchorConfig) -> list[str]:
     return list(config.replay_questions or load_questions())
 
 
-__all__ = ["AnchorMethod", "RunContext", "available_methods", "build_methods", "default_prompts", "get_method",
-           "on_policy_batch", "refresh_due", "register_method", "replay_questions"]
+__all__ = ["AnchorMethod", "OnPolicyMethod", "RunContext", "available_methods", "build_methods", "default_prompts",
+           "get_method", "on_policy_batch", "refresh_due", "register_method", "replay_questions"]

@@ -14,15 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from anchor.loss import sequence_mean
-from anchor.methods.base import (
-    AnchorMethod,
-    RunContext,
-    default_prompts,
-    on_policy_batch,
-    refresh_due,
-    register_method,
-    replay_questions,
-)
+from anchor.methods.base import OnPolicyMethod, register_method
 
 if TYPE_CHECKING:
     from anchor.engine import Anchor
@@ -31,35 +23,20 @@ _KEYS = ("input_ids", "attention_mask", "answer_mask")
 
 
 @register_method
-class KL(AnchorMethod):
+class KL(OnPolicyMethod):
     name = "kl"
-    fields = ("replay_batch_size", "replay_refresh_steps", "replay_max_new_tokens", "replay_questions")
     needs_reference = True
-    needs_template = True
 
     def __init__(self, *args: object, **kwargs: object):
         super().__init__(*args, **kwargs)
         self.batch: dict[str, torch.Tensor] | None = None
-        self.step: int | None = None
         self._ref_logp: torch.Tensor | None = None
-        self._prompts: list[list[int]] = []
-        self._tokenizer: Any = None
 
-    def setup(self, run: RunContext) -> None:
-        self._tokenizer = run.tokenizer
-        self._prompts = default_prompts(run.tokenizer, replay_questions(self.config), self.config.replay_batch_size,
-                                        f"anchor-kl-{run.seed}")
-
-    def start_step(self, engine: Anchor, step: int) -> None:
-        if refresh_due(self.step, step, self.config.replay_refresh_steps):
-            self.set_batch(*on_policy_batch(engine, self._tokenizer, self._prompts, step), step=step)
-
-    def set_batch(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, answer_mask: torch.Tensor,
-                  step: int) -> None:
-        """Use these answers ``[N, T]`` from now on (the reference reads them at the next step)."""
+    def set_batch(self, engine: Anchor | None, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                  answer_mask: torch.Tensor, step: int) -> None:
         self.batch = dict(zip(_KEYS, (input_ids.cpu(), attention_mask.cpu(), answer_mask.bool().cpu()), strict=True))
-        self.step = step
-        self._ref_logp = None
+        self.sampled_at = step
+        self._ref_logp = None  # the reference reads the new answers at the next step
 
     def step_loss(self, engine: Anchor) -> torch.Tensor | None:
         if self.batch is None:
@@ -76,8 +53,8 @@ class KL(AnchorMethod):
         return loss
 
     def state_dict(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-        return (dict(self.batch), {"step": self.step}) if self.batch is not None else ({}, {})
+        return (dict(self.batch), {"step": self.sampled_at}) if self.batch is not None else ({}, {})
 
     def load_state_dict(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
         if "step" in meta:
-            self.set_batch(*(tensors[k] for k in _KEYS), step=meta["step"])
+            self.set_batch(None, *(tensors[k] for k in _KEYS), step=meta["step"])

@@ -16,15 +16,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from anchor.loss import match_penalty
-from anchor.methods.base import (
-    AnchorMethod,
-    RunContext,
-    default_prompts,
-    on_policy_batch,
-    refresh_due,
-    register_method,
-    replay_questions,
-)
+from anchor.methods.base import OnPolicyMethod, register_method
 
 if TYPE_CHECKING:
     from anchor.engine import Anchor
@@ -43,43 +35,29 @@ class ReplayBatch:
 
 
 @register_method
-class Replay(AnchorMethod):
+class Replay(OnPolicyMethod):
     name = "replay"
-    fields = ("replay_batch_size", "replay_refresh_steps", "replay_max_new_tokens", "replay_layers",
-              "replay_questions")
+    fields = (*OnPolicyMethod.fields, "replay_layers")
     needs_reference = True
-    needs_template = True
+    system_prompts = True
 
     def __init__(self, *args: object, **kwargs: object):
         super().__init__(*args, **kwargs)
         self.batch: ReplayBatch | None = None
-        self._prompts: list[list[int]] = []
-        self._tokenizer: Any = None
 
     def layers(self, engine: Anchor) -> Sequence[int]:
         given = self.config.replay_layers
         return given if given is not None else range(engine.layers[0], engine.axis.n_layers)
 
-    def setup(self, run: RunContext) -> None:
-        from anchor.personas import load_default_prompts
-
-        self._tokenizer = run.tokenizer
-        self._prompts = default_prompts(run.tokenizer, replay_questions(self.config), self.config.replay_batch_size,
-                                        f"anchor-replay-{run.seed}", load_default_prompts())
-
-    def start_step(self, engine: Anchor, step: int) -> None:
-        if refresh_due(self.batch.step if self.batch else None, step, self.config.replay_refresh_steps):
-            self.set_batch(engine, *on_policy_batch(engine, self._tokenizer, self._prompts, step), step=step)
-
     def set_batch(self, engine: Anchor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                  answer_mask: torch.Tensor, step: int) -> ReplayBatch:
+                  answer_mask: torch.Tensor, step: int) -> None:
         """Use this batch from now on; the reference's projections on it are read once here."""
         device = engine.device
         inputs = {"input_ids": input_ids.to(device), "attention_mask": attention_mask.to(device)}
         store = engine.forward(inputs, reference=True, layers=engine.method_layers[self.name])[1]
         ref = {i: v.float().cpu() for i, v in store.items()}
         self.batch = ReplayBatch(input_ids.cpu(), attention_mask.cpu(), answer_mask.bool().cpu(), ref, step)
-        return self.batch
+        self.sampled_at = step
 
     def step_loss(self, engine: Anchor) -> torch.Tensor | None:
         batch = self.batch
@@ -112,3 +90,4 @@ class Replay(AnchorMethod):
         ref = {int(k[4:]): v for k, v in tensors.items() if k.startswith("ref.")}
         self.batch = ReplayBatch(tensors["input_ids"], tensors["attention_mask"], tensors["answer_mask"].bool(), ref,
                                  meta["step"])
+        self.sampled_at = meta["step"]
