@@ -13,7 +13,8 @@ import importlib
 import os
 import sys
 
-COMMANDS = ("axis", "data", "train", "calibrate", "monitor", "chat", "generate", "eval", "import_axis", "export")
+COMMANDS = ("axis", "data", "train", "calibrate", "monitor", "chat", "generate", "eval", "import_axis", "export",
+            "screen")
 
 
 USER_ERRORS = (ValueError, OSError, RuntimeError, ImportError)
