@@ -13,8 +13,6 @@ The conversations of one turn are answered together in one batch that keeps its 
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 import os
 import time
@@ -26,44 +24,16 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from anchor.axis import CONFIG_NAME, FORMAT_VERSION, AssistantAxis, compute_axis
+from anchor.axis import AssistantAxis
 from anchor.chat import ConversationBatch, Intervention
 from anchor.io import atomic_write, atomic_write_json, atomic_write_text, nan_to_none
-from anchor.models import cache_dir, fingerprint, model_id
+from anchor.models import fingerprint, model_id
 from anchor.monitor import Messages, default_band, monitor_many, plot_trajectories, resolve_layer
 from anchor.personas import CONVERSATION_DOMAINS, Conversation, load_conversations
-
-DEFAULT_AXIS_SETTINGS = {"n_roles": 16, "n_questions": 24, "prompts_per_role": 1, "max_new_tokens": 24, "seed": 0}
-"""The modest budget of :func:`default_axis`: minutes on a CPU for a 135M model, enough for a usable direction."""
 
 SETTINGS = ("uncapped", "capped")
 REPORT_FILES = ("drift.md", "drift.json", "drift_by_domain.png", "drift_domains.png")
 """What :func:`write_report` writes into its directory."""
-
-
-def default_axis(
-    model: nn.Module, tokenizer: object, cache: bool = True, progress: bool = True
-) -> AssistantAxis:
-    """An axis for ``model`` computed with :data:`DEFAULT_AXIS_SETTINGS`, cached once per base model.
-
-    Commands that need an axis but were given none (``anchor monitor``, ``chat``, ``eval``) call this, so a
-    first-time user gets a working axis without choosing an extraction budget. The bundle is cached under
-    ``cache_dir()/axes/<model fingerprint>-<settings digest>``; the extraction shards sit beside it, so an
-    interrupted computation resumes. Compute a bigger axis with ``anchor axis`` for anything you will publish.
-    """
-    digest = hashlib.sha256(
-        json.dumps({**DEFAULT_AXIS_SETTINGS, "format": FORMAT_VERSION}, sort_keys=True).encode()
-    ).hexdigest()[:12]
-    directory = cache_dir() / "axes" / f"{fingerprint(model)}-{digest}"
-    if cache and (directory / CONFIG_NAME).is_file():
-        return AssistantAxis.from_pretrained(directory)
-    axis = compute_axis(
-        model, tokenizer, **DEFAULT_AXIS_SETTINGS, out_dir=directory / "extraction" if cache else None,
-        progress=progress,
-    )
-    if cache:
-        axis.save_pretrained(directory)
-    return axis
 
 
 @dataclass(frozen=True)

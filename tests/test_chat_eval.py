@@ -21,7 +21,7 @@ from anchor.chat import (
     generate_replies,
     projection_bar,
 )
-from anchor.evaluate import DriftReport, DriftSettings, default_axis
+from anchor.evaluate import DriftReport, DriftSettings
 from anchor.hooks import LayerHooks
 from anchor.monitor import default_band, monitor
 from anchor.spans import encode_prompt
@@ -233,15 +233,17 @@ def test_drift_report_statistics_and_table() -> None:
 
 
 def test_default_axis_is_computed_once_and_cached(tmp_path, monkeypatch, tiny_tokenizer) -> None:
+    from anchor import axis as axis_module
+    from anchor.axis import AxisSettings, cached_axis
+
     monkeypatch.setenv("ANCHOR_CACHE", str(tmp_path))
-    small = {"n_roles": 2, "n_questions": 2, "prompts_per_role": 1, "max_new_tokens": 3, "seed": 0}
-    monkeypatch.setattr(evaluate, "DEFAULT_AXIS_SETTINGS", small)
+    small = AxisSettings(n_roles=2, n_questions=2, prompts_per_role=1, max_new_tokens=3)
     model = make_tiny_model(tiny_tokenizer)
-    first = default_axis(model, tiny_tokenizer, progress=False)
+    first = cached_axis(model, tiny_tokenizer, small, progress=False)
     (directory,) = (tmp_path / "axes").iterdir()
     assert directory.name.startswith(first.metadata["fingerprint"] + "-")
     calls = []
-    monkeypatch.setattr(evaluate, "compute_axis", lambda *a, **k: calls.append(1))
-    again = default_axis(model, tiny_tokenizer)
+    monkeypatch.setattr(axis_module, "compute_axis", lambda *a, **k: calls.append(1))
+    again = cached_axis(model, tiny_tokenizer, small)
     assert not calls and torch.equal(again.axis, first.axis)
     assert first.metadata["n_roles"] == 2 and first.metadata["n_questions"] == 2

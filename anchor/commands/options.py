@@ -157,14 +157,12 @@ def load_model_and_axis(args: argparse.Namespace) -> tuple[object, object, objec
 
     A given ``--axis`` is read before the model is loaded, so a bad bundle is refused in a second.
     """
-    from anchor.axis import AssistantAxis
+    from anchor.axis import AssistantAxis, cached_axis
 
     axis = AssistantAxis.from_pretrained(args.axis) if args.axis else None
     model, tokenizer = load_model_from_args(args)
     if axis is None:
-        from anchor.evaluate import default_axis
-
         print("No --axis given: using the cached default axis of this model (computed on first use).")
-        axis = default_axis(model, tokenizer, progress=not getattr(args, "quiet", False))
+        axis = cached_axis(model, tokenizer, progress=not getattr(args, "quiet", False))
     axis.check_compatible(model, check_weights=not args.no_check_weights)
     return model, tokenizer, axis
