@@ -295,3 +295,16 @@ def test_drift_shares_of_an_anchored_run_that_overshot():
     # an unanchored run that did not move gives no ratio
     still = {"unanchored": _summary("unanchored", [-0.2, -0.2], -0.3, 1.0), "anchored": runs["anchored"]}
     assert drift_shares(still, "anchored", "unanchored")["projection"] is None
+
+
+def test_a_recipe_that_is_not_yaml_is_named_with_its_line(tmp_path):
+    recipe = tmp_path / "broken.yaml"
+    recipe.write_text("trainer: sft\nmethod: [preventative, lm_replay\nweight: 1.0\n")
+    with pytest.raises(ValueError, match=r"broken.yaml is not valid YAML at line \d+, column \d+"):
+        trainer_kind(["--config", str(recipe)])
+
+
+def test_sft_data_given_to_a_dpo_recipe_is_refused_with_the_record_and_the_missing_keys():
+    records = [{"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}]}]
+    with pytest.raises(ValueError, match=r"data.jsonl, record 0: a DPO record needs prompt, chosen and rejected"):
+        _records_to_rows(records, "dpo", "data.jsonl", keep_turns=False)
