@@ -74,7 +74,7 @@ from anchor.data import CONFIG_NAME as DATA_CONFIG
 from anchor.data import DEFAULTS as DATA_DEFAULTS
 from anchor.data import PersonaData, build_persona_data
 from anchor.engine import default_layers
-from anchor.io import atomic_write_text
+from anchor.io import atomic_write, atomic_write_json, atomic_write_text, nan_to_none
 from anchor.loss import IGNORE_INDEX
 from anchor.models import decoder_layers, fingerprint, load_model, unwrap
 from anchor.personas import load_probes, load_question_records
@@ -658,7 +658,8 @@ def plot(report: dict[str, Any], path: Path) -> None:
         c = a.get("vs_unanchored")
         if c is None:
             continue
-        err = c["behaviour_pct_err"] if math.isfinite(c["behaviour_pct_err"]) else 0.0
+        err = c["behaviour_pct_err"]
+        err = err if isinstance(err, float) and math.isfinite(err) else 0.0  # NaN is written as null
         bx.errorbar(c["task_loss_change_pct"], c["behaviour_pct"], yerr=err, fmt="o", capsize=3, label=a["arm"])
     bx.axhline(0, color="k", lw=0.8)
     bx.axvline(0, color="k", lw=0.8)
@@ -669,15 +670,15 @@ def plot(report: dict[str, Any], path: Path) -> None:
     bx.set_title("Persona kept vs task learnt")
     bx.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110))
     plt.close(fig)
 
 
 def write_outputs(report: dict[str, Any], stem: Path) -> None:
     stem.parent.mkdir(parents=True, exist_ok=True)
     report["plot"] = stem.with_suffix(".png").name
-    stem.with_suffix(".json").write_text(json.dumps(report, indent=1))
-    stem.with_suffix(".md").write_text(markdown(report))
+    atomic_write_json(stem.with_suffix(".json"), nan_to_none(report))
+    atomic_write_text(stem.with_suffix(".md"), markdown(report))
     plot(report, stem.with_suffix(".png"))
 
 
