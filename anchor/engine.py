@@ -370,13 +370,18 @@ class Anchor:
 
     def check_finite(self, step: int) -> None:
         """Raise :class:`NonFiniteError` naming what turned NaN/Inf since the last call (one host sync)."""
-        bad = [what for what, count in self._nonfinite.items() if float(count) > 0]
-        self._nonfinite = {}
-        if bad:
-            raise NonFiniteError(
-                f"anchor: {', '.join(bad)} turned NaN/Inf at step {step}; the run is stopped before a checkpoint of "
-                "garbage is written. Lower the learning rate or the anchor's strengths (weight, method_weights, "
-                "steer_coefficient), or use bf16 instead of fp16; resume from the last checkpoint.")
+        counts, self._nonfinite = self._nonfinite, {}
+        total = torch.stack([c.to(self.device) for c in counts.values()]).sum() if counts else \
+            torch.zeros((), device=self.device)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(total)  # every rank stops together, or none does (no hang)
+        if float(total) == 0:  # the one sync of the common case
+            return
+        bad = [what for what, count in counts.items() if float(count) > 0] or ["another process's anchor term"]
+        raise NonFiniteError(
+            f"anchor: {', '.join(bad)} turned NaN/Inf at step {step}; the run is stopped before a checkpoint of "
+            "garbage is written. Lower the learning rate or the anchor's strengths (weight, method_weights, "
+            "steer_coefficient), or use bf16 instead of fp16; resume from the last checkpoint.")
 
     # -- metrics ---------------------------------------------------------------------------------------------
 
