@@ -111,6 +111,9 @@ def split_turns(tokenizer: object, rows: Sequence[dict[str, Any]]) -> list[Turn]
         assistant_at = [k for k, m in enumerate(messages) if m.get("role") == "assistant"]
         if not assistant_at:
             raise ValueError(f"row {i} has no assistant message; there is nothing it would train on to screen.")
+        if encoding.n_turns != len(assistant_at):
+            raise ValueError(f"row {i}: the chat template renders {encoding.n_turns} of its {len(assistant_at)} "
+                             "assistant messages, so their tokens cannot be told apart; screen it as single turns.")
         for turn, at in zip(range(encoding.n_turns), assistant_at, strict=True):
             positions = [p for p, inside in enumerate(encoding.mask(turn)) if inside]
             if not positions:
