@@ -18,7 +18,7 @@ _EXPORTS = {
     "cap": "anchor.capping", "steer": "anchor.capping",
     "decoder_layers": "anchor.models", "load_model": "anchor.models",
     "DriftTrace": "anchor.monitor", "monitor": "anchor.monitor", "monitor_many": "anchor.monitor",
-    "ScreenReport": "anchor.screen", "screen": "anchor.screen",
+    "ScreenReport": "anchor.screening", "screen": "anchor.screening",
 }
 __all__ = ["__version__", *sorted(_EXPORTS)]
 

@@ -35,7 +35,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from anchor.io import check_output_dir
-    from anchor.screen import OUTPUT_FILES, conversation, read_rows, screen, write_report
+    from anchor.screening import OUTPUT_FILES, conversation, read_rows, screen, write_report
 
     if args.drop_below is not None and not 0 <= args.drop_below <= 100:
         raise ValueError(f"--drop-below {args.drop_below} must be a percentile within 0..100.")

@@ -28,8 +28,6 @@ import hashlib
 import json
 import math
 import os
-import sys
-import types
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -347,15 +345,3 @@ def auc(positive: Sequence[float], negative: Sequence[float]) -> float:
     if not math.isfinite(value):
         raise ValueError("non-finite AUC")
     return value
-
-
-class _CallableModule(types.ModuleType):
-    """``anchor.screen`` names both this module and its main function. Importing the module makes the package
-    attribute the module, so the module is made callable: ``anchor.screen(model, tokenizer, axis, data)`` works
-    however it was reached."""
-
-    def __call__(self, *args: Any, **kwargs: Any) -> ScreenReport:
-        return screen(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule
