@@ -154,21 +154,13 @@ class AssistantAxis:
         return hidden @ unit
 
     def tau(self, layer: int, percentile: float, source: str = "default") -> float:
-        """The ``percentile`` (0-100) of per-answer projections of ``source`` ("default" or "roles") answers.
-
-        An imported bundle has no quantiles; it answers only for its published capping floors, at the published
-        percentile and layers (a percentile of the paper's own projection pool), and raises otherwise.
-        """
+        """The ``percentile`` (0-100) of per-answer projections of ``source`` ("default" or "roles") answers
+        (an imported bundle has none, and says so)."""
         layer = check_layers([layer], self.n_layers)[0]
         if not 0 <= percentile <= 100:
             raise ValueError(f"percentile={percentile} must be within 0..100.")
         if source not in ("default", "roles"):
             raise ValueError(f"source={source!r} must be 'default' or 'roles'.")
-        published = self.metadata.get("cap") or {}
-        if isinstance(self.quantiles, Missing) and source == "default" and percentile == published.get("percentile"):
-            floors = published.get("tau", {})
-            if str(layer) in floors:
-                return float(floors[str(layer)])
         q = self.quantiles[source][layer]
         pos = percentile  # levels are whole percentiles: interpolate linearly between them
         lo, hi = int(pos), min(int(pos) + 1, 100)

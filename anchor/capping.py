@@ -204,6 +204,10 @@ def _resolve_tau(
         if missing:
             raise ValueError(f"tau has no floor for layers {missing}; give one per capped layer, or a single float.")
         return {i: _floor(tau[i], f"tau[{i}]") for i in chosen}, None
+    setting = calibrated_setting(axis)
+    if tau is None and percentile is None and layers is None and setting and setting.get("tau"):
+        # The stored setting's own floors (``anchor calibrate``, or an imported published setting).
+        return {int(i): _floor(v, f"tau[{i}]") for i, v in setting["tau"].items()}, float(setting["percentile"])
     chosen = check_layers(default_cap_layers(axis) if layers is None else layers, axis.n_layers)
     if tau is not None:
         floor = _floor(tau, "tau")
