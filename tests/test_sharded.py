@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -39,9 +41,6 @@ except Exception as err:  # not installed, or installed without its CPU accelera
 ALL_METHODS = ["floor", "match", "replay", "preventative", "lm_replay", "kl", "incremental", "ablate"]
 FULL_FT_METHODS = ["floor", "preventative", "lm_replay", "incremental", "ablate"]  # no frozen copy: ZeRO-3 and FSDP
 EQUAL = {"methods": ["floor", "preventative"], "method_weights": [20, 1], "steps": 1, "optim": "sgd", "lr": 1.0}
-
-pytestmark = [pytest.mark.slow, pytest.mark.distributed]
-
 
 def _env(tmp_path: Path, cache: str = "cache") -> dict[str, str]:
     return {**os.environ, "ANCHOR_CACHE": str(tmp_path / cache), "TENSORBOARD_LOGGING_DIR": str(tmp_path / "tb"),
@@ -125,6 +124,8 @@ def start_weights(tiny_tokenizer) -> dict[str, torch.Tensor]:
 # -- DeepSpeed ZeRO ----------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
+@pytest.mark.distributed
 @pytest.mark.skipif(bool(DEEPSPEED_MISSING), reason=DEEPSPEED_MISSING)
 @pytest.mark.parametrize("stage", [2, 3])
 def test_zero_anchored_step_equals_one_process_and_weight_zero_is_bit_identical(tmp_path, stage, axis_dir,
@@ -169,6 +170,8 @@ def test_zero_anchored_step_equals_one_process_and_weight_zero_is_bit_identical(
             set(anchor_logs(lora[0])[-1])
 
 
+@pytest.mark.slow
+@pytest.mark.distributed
 @pytest.mark.skipif(bool(DEEPSPEED_MISSING), reason=DEEPSPEED_MISSING)
 @pytest.mark.parametrize("stage", [2, 3])
 def test_zero_lockstep_axis_probes_logged_once_and_resume(tmp_path, stage):
@@ -222,6 +225,8 @@ def test_zero_lockstep_axis_probes_logged_once_and_resume(tmp_path, stage):
 # -- PyTorch FSDP2 -----------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
+@pytest.mark.distributed
 def test_fsdp2_anchored_step_equals_one_process_probes_agree_and_weight_zero_is_bit_identical(tmp_path, axis_dir):
     probes = [{"domain": d, "prompt": f"Tell me about {d}."} for d in ("coding", "writing")]
     (tmp_path / "probes.json").write_text(json.dumps({"version": 1, "probes": probes}))
@@ -267,6 +272,8 @@ def test_fsdp2_anchored_step_equals_one_process_probes_agree_and_weight_zero_is_
         assert "cannot be made of a sharded model (DeepSpeed ZeRO-3, FSDP). Train a PEFT adapter" in rank["error"]
 
 
+@pytest.mark.slow
+@pytest.mark.distributed
 @pytest.mark.xfail(strict=True, reason="anchor.models.fingerprint hashes embedding rows with .numpy(), which a DTensor "
                    "(an FSDP2 shard) refuses: RuntimeError: .numpy() is not supported for tensor subclasses")
 def test_fsdp2_on_the_fly_axis_is_computed_in_lockstep(tmp_path, tiny_axis):
@@ -274,3 +281,53 @@ def test_fsdp2_on_the_fly_axis_is_computed_in_lockstep(tmp_path, tiny_axis):
                 _env(tmp_path))
     seen = ranks(tmp_path / "fsdp", "fly")
     assert seen[0]["sharded"] and seen[0]["axis"] == seen[1]["axis"]
+
+
+# -- the GPU check (scripts/gpu_check.sh): ready for a GPU machine with no network --------------------------------
+
+
+def test_gpu_check_is_valid_bash_and_its_plan_carries_what_its_steps_use(tmp_path):
+    script = ROOT / "scripts" / "gpu_check.sh"
+    assert subprocess.run(["bash", "-n", str(script)], capture_output=True).returncode == 0
+    if shutil.which("shellcheck"):
+        lint = subprocess.run(["shellcheck", str(script)], capture_output=True, text=True)
+        assert lint.returncode == 0, lint.stdout
+    env = {**os.environ, "OUT": str(tmp_path / "out"), "GPU_CHECK_WORK": str(tmp_path / "work")}
+    plan = subprocess.run(["bash", str(script), "--dry-run"], capture_output=True, text=True, env=env, timeout=60)
+    assert plan.returncode == 0, plan.stderr
+    assert not (tmp_path / "out").exists() and not (tmp_path / "work").exists()  # a dry run runs nothing
+
+    steps = dict(re.findall(r"^step (\S+) +limit +\d+s: (.*)$", plan.stdout, flags=re.M))
+    trained = [f"{c}-{r}" for c in ("zero2", "zero3", "fsdp") for r in ("full", "lora")]
+    assert list(steps) == ["data", "sft-lora", "sft-full", *sorted(trained, key=lambda s: s.endswith("lora")),
+                           "overhead-floor", "overhead-prev-lm", "capping", "drift"]
+    for name in trained:  # each config runs each recipe, in bf16 on the GPU
+        config = {"zero2": "deepspeed_zero2", "zero3": "deepspeed_zero3", "fsdp": "fsdp"}[name.split("-")[0]]
+        command = steps[name]
+        assert f"--config_file configs/{config}.yaml" in command and f"recipes/sft-{name.split('-')[1]}" in command
+        assert "--use_cpu false --bf16 true" in command
+    assert "--device cuda --dtype bf16" in steps["overhead-floor"] and "--device cuda" in steps["capping"]
+    # every file a step reads travels with the working tree: it is tracked by git (after "&&": results copied out)
+    commands = "\n".join(c.split("&&")[0] for c in steps.values())
+    named = set(re.findall(r"\b((?:configs|recipes|scripts)/[\w./-]+)", commands))
+    assert {"configs/deepspeed_zero3.yaml", "scripts/results/reference_axis", "scripts/bench_drift.py"} <= named
+    tracked = set(subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True).stdout.split())
+    for path in named:
+        assert path in tracked or any(t.startswith(path.rstrip("/") + "/") for t in tracked), path
+    # every dependency of the package is on the GPU image or carried (wandb only reports: the runs say none)
+    image = re.search(r"^the machine must have: python3 with a CUDA torch and (.*)$", plan.stdout, re.M).group(1)
+    carried = re.search(r"^carry \(wheels the image lacks\): (.*)$", plan.stdout, re.M).group(1)
+    have = set(image.split()) | {w.split("==")[0] for w in carried.split()}
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    needed = {re.split(r"[<>=!~ ;\[]", d)[0].lower()
+              for d in pyproject["dependencies"] + pyproject["optional-dependencies"]["deepspeed"]}
+    assert needed - have == {"wandb"}
+    assert all("--report_to none" in steps[s] for s in ("sft-lora", "sft-full", *trained))
+
+    only = subprocess.run(["bash", str(script), "--dry-run", "--only", "capping,drift"], capture_output=True,
+                          text=True, env=env, timeout=60)
+    assert re.findall(r"^step (\S+)", only.stdout, flags=re.M) == ["capping", "drift"]
+    wrong = subprocess.run(["bash", str(script), "--only", "zero4-full"], capture_output=True, text=True, env=env,
+                           timeout=60)
+    assert wrong.returncode == 2 and "unknown step zero4-full; steps: data sft-lora" in wrong.stderr
