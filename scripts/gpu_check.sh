@@ -6,7 +6,8 @@
 #
 # Steps (--only takes a comma-separated subset; the order is the priority under --budget-s):
 #   data                       persona-implant data from the model itself, once (ZeRO-3 needs it built beforehand)
-#   sft-lora, sft-full         recipes/sft-{lora,full}.yaml, one process, bf16, anchored, --max_steps $GPU_CHECK_STEPS
+#   sft-lora, sft-full         recipes/sft-{lora,full}.yaml under configs/single_process.yaml, bf16, anchored,
+#                              --max_steps $GPU_CHECK_STEPS
 #   {zero2,zero3,fsdp}-{full,lora}   the same under configs/deepspeed_zero2|3.yaml and configs/fsdp.yaml, 1 process
 #   overhead-floor, overhead-prev-lm  scripts/bench_overhead.py --device cuda --dtype bf16, per method
 #   capping                    scripts/bench_capping.py --device cuda
@@ -59,11 +60,10 @@ usage() {
 
 # -- what each step runs ------------------------------------------------------------------------------------------
 
-train_args() {  # $1 recipe, $2 output directory
+train_args() {  # $1 recipe, $2 output directory; the data step's data as it is (ZeRO-3 cannot check its fingerprint)
   echo "scripts/train.py --config recipes/$1.yaml --use_cpu false --bf16 true --max_steps $STEPS" \
-    "--output_dir $2 --dataset $WORK/data --axis $AXIS --persona_roles 4 --persona_questions 24" \
-    "--eval_questions 8 --probe_every 5 --probes_per_domain 4 --logging_steps 1 --save_strategy no" \
-    "--report_to none --disable_tqdm true"
+    "--output_dir $2 --dataset $WORK/data --build_data false --axis $AXIS --eval_questions 8 --probe_every 5" \
+    "--probes_per_domain 4 --logging_steps 1 --save_strategy no --report_to none --disable_tqdm true"
 }
 
 step_command() {  # the shell command of step $1
@@ -71,8 +71,7 @@ step_command() {  # the shell command of step $1
   case $step in
     data) echo "$PY -m anchor.cli data --model smollm2 --device cuda --axis $AXIS --out $WORK/data --roles 4" \
                 "--questions 24 --quiet" ;;
-    sft-lora) echo "$PY $(train_args sft-lora "$WORK/$step")" ;;
-    sft-full) echo "$PY $(train_args sft-full "$WORK/$step")" ;;
+    sft-*) echo "$launch configs/single_process.yaml $(train_args "$step" "$WORK/$step")" ;;
     zero2-*|zero3-*) echo "$launch configs/deepspeed_${step%%-*}.yaml $(train_args "sft-${step#*-}" "$WORK/$step")" ;;
     fsdp-*) echo "$launch configs/fsdp.yaml $(train_args "sft-${step#*-}" "$WORK/$step")" ;;
     overhead-floor) echo "$PY scripts/bench_overhead.py --device cuda --dtype bf16 --axis $AXIS --method floor" \

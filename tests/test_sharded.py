@@ -222,6 +222,35 @@ def test_zero_lockstep_axis_probes_logged_once_and_resume(tmp_path, stage):
     assert_close_dicts(weights(out, "resumed"), weights(out, "full"), atol=1e-6)
 
 
+@pytest.mark.slow
+@pytest.mark.distributed
+@pytest.mark.skipif(bool(DEEPSPEED_MISSING), reason=DEEPSPEED_MISSING)
+def test_recipes_train_under_the_deepspeed_configs(tmp_path, tiny_tokenizer):
+    """``scripts/train.py`` as a user launches it: the data built in one process (configs/single_process.yaml), then
+    recipes on 2 processes under each DeepSpeed config, given that data as it is (ZeRO-3 cannot check its model)."""
+    from tests.test_recipes import _tiny_overrides
+
+    model_dir = tmp_path / "tiny"
+    make_tiny_model(tiny_tokenizer).save_pretrained(model_dir)
+    tiny_tokenizer.save_pretrained(model_dir)
+    env = _env(tmp_path)
+    train = str(ROOT / "scripts" / "train.py")
+    runs = {"single": ("single_process", "quickstart"), "zero2": ("deepspeed_zero2", "sft-lora"),
+            "zero3": ("deepspeed_zero3", "sft-full")}
+    for port, (name, (config, recipe)) in enumerate(runs.items(), start=29791):
+        processes = "1" if name == "single" else "2"
+        as_it_is = [] if name == "single" else ["--build_data", "false"]  # the single run built it
+        _run(["accelerate", "launch", "--config_file", str(ROOT / "configs" / f"{config}.yaml"), "--mixed_precision",
+              "no", "--num_processes", processes, "--main_process_port", str(port), train, "--config",
+              str(ROOT / "recipes" / f"{recipe}.yaml"), *_tiny_overrides(tmp_path, model_dir, tmp_path / name),
+              *as_it_is], env)
+        summary = json.loads((tmp_path / name / "summary.json").read_text())
+        assert summary["steps"] == 2 and summary["anchor"]["layers"] == [1, 2], name
+        assert set(summary["probe_drift"]) >= {"all", "coding", "writing", "emotional", "meta"}, name
+        # the held-out drift evaluation runs where one process can run the model, and is skipped under ZeRO-3
+        assert (summary["drift"] is None) is (name == "zero3"), name
+
+
 # -- PyTorch FSDP2 -----------------------------------------------------------------------------------------------
 
 
@@ -306,6 +335,7 @@ def test_gpu_check_is_valid_bash_and_its_plan_carries_what_its_steps_use(tmp_pat
         command = steps[name]
         assert f"--config_file configs/{config}.yaml" in command and f"recipes/sft-{name.split('-')[1]}" in command
         assert "--use_cpu false --bf16 true" in command
+    assert all("--config_file configs/single_process.yaml" in steps[f"sft-{r}"] for r in ("full", "lora"))
     assert "--device cuda --dtype bf16" in steps["overhead-floor"] and "--device cuda" in steps["capping"]
     # every file a step reads travels with the working tree: it is tracked by git (after "&&": results copied out)
     commands = "\n".join(c.split("&&")[0] for c in steps.values())
