@@ -3,9 +3,15 @@ ZeRO (through ``accelerate launch`` and TRL's ``SFTTrainer``) or PyTorch FSDP2 (
 loop under ``torch.distributed.run``), or the same in one unsharded process as the reference.
 
 ``python tests/_sharded_worker.py SETUP OUT JOBS_JSON``: SETUP is ``trainer`` or ``fsdp2``; JOBS_JSON is a list of
-jobs run one after the other in this process, each a dict with a ``name`` and the options below. Each job writes
-what this rank saw to ``OUT/<name>/rank{N}.json`` (and rank 0 the final weights to ``OUT/<name>/weights.safetensors``),
-so the test compares ranks with each other and with the single-process run.
+jobs run one after the other in this process. Each job writes what this rank saw to ``OUT/<name>/rank{N}.json`` (and
+rank 0 the final weights, and under ``fsdp2`` the first step's gradients, to ``OUT/<name>/weights.safetensors``), so
+the test compares ranks with each other and with the single-process run. A job's keys:
+
+* both: ``name``, ``methods`` (empty: no anchor at all), ``method_weights``, ``weight``, ``axis`` (a bundle
+  directory, or None for the on-the-fly axis), ``steps``, ``lr``, ``lora``;
+* ``trainer``: ``optim``, ``save_steps``, ``resume`` (a checkpoint), ``probe_every``, ``probe_file``, ``report_to``;
+* ``fsdp2`` (plain SGD): ``probes`` with ``probe_file`` (a probe step after training), ``eos_bias`` (end sampled
+  answers early, at lengths that differ between ranks).
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from safetensors.torch import save_file
+from transformers import TrainerCallback
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a script by a launcher
@@ -88,7 +95,7 @@ def gathered_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in params}
 
 
-class Recorder:
+class Recorder(TrainerCallback):
     """Reads the anchor's restored state as training begins (after the anchor's own ``on_train_begin``)."""
 
     def __init__(self, callback: AnchorCallback):
@@ -100,14 +107,13 @@ class Recorder:
 
 def trainer_job(out: Path, job: dict) -> None:
     from datasets import Dataset
-    from transformers import TrainerCallback
     from trl import SFTConfig, SFTTrainer
 
     from anchor.models import unwrap
 
     tok = tokenizer()
     callback = AnchorCallback(anchor_config(job)) if job.get("methods") else None
-    recorder = type("RecorderCallback", (Recorder, TrainerCallback), {})(callback) if callback else None
+    recorder = Recorder(callback) if callback else None
     run_dir = out / job["name"] / "run"
     args = SFTConfig(
         output_dir=str(run_dir), max_steps=job["steps"], per_device_train_batch_size=GLOBAL_BATCH // WORLD,
