@@ -32,6 +32,12 @@ def is_zero3(model: nn.Module) -> bool:
     return any(hasattr(p, "ds_id") for p in unwrap(model).parameters())
 
 
+def is_fsdp(model: nn.Module) -> bool:
+    """PyTorch FSDP (1 or 2) holds each parameter as a shard spread over the ranks; such a model refuses a deep copy.
+    Torch marks the modules it manages with ``_is_fsdp_managed_module`` (transformers' generate reads the same)."""
+    return any(getattr(m, "_is_fsdp_managed_module", False) for m in model.modules())
+
+
 class Reference:
     """The frozen model the anchor compares with.
 
@@ -51,11 +57,11 @@ class Reference:
             self.module = unwrap(model)
             self.kind = "peft"
             return
-        if frozen is None and is_zero3(model):
+        if frozen is None and (is_zero3(model) or is_fsdp(model)):
             raise ValueError(
-                "A frozen reference for full fine-tuning is a copy of the model, which cannot be made under "
-                "DeepSpeed ZeRO-3. Train a PEFT adapter (the reference is then the adapter-disabled model) or "
-                "use methods that need no frozen copy (floor, preventative, lm_replay)."
+                "A frozen reference for full fine-tuning is a copy of the model, which cannot be made of a sharded "
+                "model (DeepSpeed ZeRO-3, FSDP). Train a PEFT adapter (the reference is then the adapter-disabled "
+                "model) or use methods that need no frozen copy (floor, preventative, lm_replay)."
             )
         source = unwrap(frozen) if frozen is not None else copy.deepcopy(unwrap(model))
         for module in source.modules():
@@ -122,4 +128,4 @@ def _reload_base(model: nn.Module, expected: str | None) -> nn.Module:
     return frozen
 
 
-__all__ = ["Reference", "find_peft", "is_zero3", "training_reference"]
+__all__ = ["Reference", "find_peft", "is_fsdp", "is_zero3", "training_reference"]
