@@ -113,14 +113,14 @@ def fingerprint(model: nn.Module) -> str:
     """A short hash of what the model computes: its config plus a sample of its input embeddings.
 
     Embedding rows are hashed after rounding to bfloat16, so the same weights loaded in fp32 or bf16 agree.
-    Under DeepSpeed ZeRO-3 the embedding is an empty shard outside forward; the fingerprint then covers the
-    config alone and says so with a ``cfg-`` prefix.
+    Under DeepSpeed ZeRO-3 the embedding is an empty shard outside forward, and under FSDP2 a sharded tensor
+    (each rank holds other rows); the fingerprint then covers the config alone and says so with a ``cfg-`` prefix.
     """
     base = unwrap(model)
     config = {k: v for k, v in base.config.to_dict().items() if k not in _VOLATILE_CONFIG_KEYS}
     h = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode())
     weight = base.get_input_embeddings().weight
-    if weight.numel() == 0:
+    if weight.numel() == 0 or type(weight.data) is not torch.Tensor:  # a ZeRO-3 stub or an FSDP2 shard (DTensor)
         return "cfg-" + h.hexdigest()[:16]
     sample = weight.detach()[:64].to("cpu", torch.bfloat16).to(torch.float32).contiguous()
     h.update(sample.numpy().tobytes())

@@ -233,10 +233,11 @@ def prepare_persona_data(args: RecipeArguments, model: nn.Module, tokenizer: obj
     data = PersonaData.load(directory)
     if args.build_data:  # the recipe owns this directory: refuse data built with other settings or another model
         built, wanted = data.metadata.get("settings"), _data_settings(args)
-        if built != wanted or data.metadata.get("fingerprint") != fingerprint(model):
+        current = fingerprint(model)  # "cfg-…" when the weights are sharded (ZeRO-3, FSDP): the config only
+        if built != wanted or (not current.startswith("cfg-") and data.metadata.get("fingerprint") != current):
             raise ValueError(
                 f"{directory} was built with {built} from model {data.metadata.get('fingerprint')}, but this recipe "
-                f"asks for {wanted} from {fingerprint(model)}. Delete the directory to rebuild it, point dataset at "
+                f"asks for {wanted} from {current}. Delete the directory to rebuild it, point dataset at "
                 "another one, or set build_data false to use it as it is.")
     return data
 

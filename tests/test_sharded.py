@@ -303,8 +303,6 @@ def test_fsdp2_anchored_step_equals_one_process_probes_agree_and_weight_zero_is_
 
 @pytest.mark.slow
 @pytest.mark.distributed
-@pytest.mark.xfail(strict=True, reason="anchor.models.fingerprint hashes embedding rows with .numpy(), which a DTensor "
-                   "(an FSDP2 shard) refuses: RuntimeError: .numpy() is not supported for tensor subclasses")
 def test_fsdp2_on_the_fly_axis_is_computed_in_lockstep(tmp_path, tiny_axis):
     fsdp_launch(tmp_path / "fsdp", [{"name": "fly", "methods": ["floor"], "axis": None, "steps": 1}], 29781,
                 _env(tmp_path))
