@@ -223,14 +223,16 @@ def pool(args: argparse.Namespace) -> None:
 
 VARIANTS = {
     "gen-r4-q24-t16": {"n_roles": 4, "n_questions": 24, "max_new_tokens": 16},  # the best cheap variant before
-    "gen-r8-q64-t8": {"n_roles": 8, "n_questions": 64, "max_new_tokens": 8},
-    "gen-r8-q128-t4": {"n_roles": 8, "n_questions": 128, "max_new_tokens": 4},
-    "gen-r16-q64-t8": {"n_roles": 16, "n_questions": 64, "max_new_tokens": 8},
-    "gen-r8-q246-t4": {"n_roles": 8, "n_questions": None, "max_new_tokens": 4},
+    "gen-r8-q246-t4": {"n_roles": 8, "n_questions": None, "max_new_tokens": 4},  # very short answers, all questions
+    "gen-r8-q128-t8": {"n_roles": 8, "n_questions": 128, "max_new_tokens": 8},
     "gen-r16-q32-t16": {"n_roles": 16, "n_questions": 32, "max_new_tokens": 16},
-    "gen-r8-q64-t8-p3": {"n_roles": 8, "n_questions": 64, "max_new_tokens": 8, "prompts_per_role": 3},
-    "prompt-r16-q128": {"mode": "prompt", "n_roles": 16, "n_questions": 128},
-    "prompt-r32-q246": {"mode": "prompt", "n_roles": 32, "n_questions": None},
+    "gen-r4-q48-t32": {"n_roles": 4, "n_questions": 48, "max_new_tokens": 32},
+    "gen-r6-q48-t32": {"n_roles": 6, "n_questions": 48, "max_new_tokens": 32},
+    "gen-r4-q64-t32": {"n_roles": 4, "n_questions": 64, "max_new_tokens": 32},
+    "gen-r8-q32-t32": {"n_roles": 8, "n_questions": 32, "max_new_tokens": 32},
+    "gen-r8-q64-t32": {"n_roles": 8, "n_questions": 64, "max_new_tokens": 32},
+    "gen-r8-q32-t8-p3": {"n_roles": 8, "n_questions": 32, "max_new_tokens": 8, "prompts_per_role": 3},
+    "prompt-r16-q246": {"mode": "prompt", "n_roles": 16, "n_questions": None},  # prompt mode, all questions
 }
 
 
@@ -254,6 +256,9 @@ def variants(args: argparse.Namespace) -> None:
     result = {**machine(), "batch_size": BATCH, "reference": str(REFERENCE_DIR.relative_to(RESULTS.parent.parent)),
               "middle_layers": [middle(ref.n_layers).start, middle(ref.n_layers).stop - 1], "variants": {}}
     for rep in range(args.repeats):
+        probe = ex.PROBE_SECONDS / ex.relative_speed(model, tokenizer)
+        result.setdefault("probe_seconds", []).append(round(probe, 3))
+        print(f"speed probe {probe:.2f} s", flush=True)
         for name in (names if rep % 2 == 0 else names[::-1]):
             settings = variant_settings(name)
             with tempfile.TemporaryDirectory() as tmp:
@@ -272,7 +277,9 @@ def variants(args: argparse.Namespace) -> None:
           f"`{result['uptime_at_end']}`.", "",
           f"Cosine to the full reference axis (`{result['reference']}`) over the middle third of the layers "
           f"({result['middle_layers'][0]}–{result['middle_layers'][1]}). Seconds: median of {args.repeats} "
-          "interleaved runs of `compute_axis` (model loaded, extraction and bundle included).", "",
+          "interleaved runs of `compute_axis` (model loaded, extraction and bundle included). The speed probe of "
+          f"`anchor.extract.relative_speed` took {statistics.median(result['probe_seconds']):.2f} s (median of "
+          f"{result['probe_seconds']}).", "",
           "| variant | seconds (median) | range | cores busy | answers | cos middle mean | cos middle min | "
           "role-order Spearman |", "|---|---|---|---|---|---|---|---|"]
     for name, row in result["variants"].items():
@@ -395,6 +402,19 @@ def frontier(args: argparse.Namespace) -> None:
     md += [f"| {p['mode']} | {p['n_roles']} | {p['n_questions']} | {p['max_new_tokens'] or '–'} | {p['answers']} | "
            f"{p['seconds']} | {p['cos_middle_mean_median']:.3f} | {p['cos_middle_mean_p10']:.3f} | "
            f"{p['cos_middle_min_median']:.3f} | {p['spearman_median']} |" for p in best]
+    md += ["", "What `anchor.extract.settings_for_budget(seconds)` picks (its rows, `BUDGET_FRONTIER`), with this "
+           "frontier's estimate and the timed run of the same settings (seed 0):", "",
+           "| budget s | settings | predicted s | cos median (p10) | timed s | timed cos middle mean / min |",
+           "|---|---|---|---|---|---|"]
+    for budget, settings in ex.BUDGET_FRONTIER:
+        full = {"mode": "generate", "prompts_per_role": 1, **settings}
+        point = next((p for p in points if all(p.get(k) == full[k] for k in
+                                               ("mode", "n_roles", "n_questions", "max_new_tokens"))), None)
+        run = next((r for r in timed_rows.values() if {"mode": "generate", **r["settings"]} == full), None)
+        md.append(f"| {budget:g} | {settings} | {point['seconds'] if point else '–'} | "
+                  + (f"{point['cos_middle_mean_median']:.3f} ({point['cos_middle_mean_p10']:.3f})" if point else "–")
+                  + f" | {run['seconds'] if run else '–'} | "
+                  + (f"{run['cos_middle_mean']:.3f} / {run['cos_middle_min']:.3f} |" if run else "– |"))
     write(result, md, "frontier", _frontier_plot(points, best, timed_rows))
 
 
@@ -475,8 +495,8 @@ def main() -> None:
     p.set_defaults(func=variants)
     p = sub.add_parser("frontier", help="cos vs seconds over roles × questions × tokens × mode, from the pool")
     p.add_argument("--pool", default="outputs/axis-pool")
-    p.add_argument("--roles", type=int, nargs="+", default=[2, 4, 8, 16, 32])
-    p.add_argument("--questions", type=int, nargs="+", default=[8, 16, 24, 32, 48, 64, 96, 128, 192, 246])
+    p.add_argument("--roles", type=int, nargs="+", default=[2, 3, 4, 6, 8, 12, 16, 24])
+    p.add_argument("--questions", type=int, nargs="+", default=[8, 16, 24, 32, 40, 48, 64, 80, 96, 128, 160, 192, 246])
     p.add_argument("--draws", type=int, default=40)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=frontier)
