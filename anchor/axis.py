@@ -439,12 +439,16 @@ def compute_axis(
 @dataclass(frozen=True)
 class AxisSettings:
     """How an axis is sampled when anchor computes one for you: on the fly at the start of training, or for a
-    command given no bundle. The one cache of such axes is keyed by the model's fingerprint and these settings."""
+    command given no bundle. The one cache of such axes is keyed by the model's fingerprint and these settings.
 
-    n_roles: int | None = 16
-    n_questions: int | None = 24
+    The defaults are ``anchor.extract.settings_for_budget(60)``: about 50 s on 2 CPU cores for SmolLM2-135M, at a
+    median cosine of 0.91 to the full 225-role × 246-question axis over the middle third of the layers. Questions
+    and answer length buy more accuracy than roles do (``scripts/results/bench_axis_frontier.md``)."""
+
+    n_roles: int | None = 4
+    n_questions: int | None = 48
     prompts_per_role: int | None = 1
-    max_new_tokens: int = 24
+    max_new_tokens: int = 32
     mode: str = "generate"
     seed: int = 0
 
@@ -463,7 +467,7 @@ def axis_cache_dir(model: nn.Module, settings: AxisSettings) -> Path:
     return cache_dir() / "axes" / f"{fingerprint(model)}-{settings.key()}"
 
 
-def cached_axis(model: nn.Module, tokenizer: object, settings: AxisSettings | None = None, batch_size: int = 32,
+def cached_axis(model: nn.Module, tokenizer: object, settings: AxisSettings | None = None, batch_size: int = 128,
                 progress: bool = True, write: bool = True) -> AssistantAxis:
     """The axis of ``model`` as it is now, computed with ``settings`` once and cached by model fingerprint.
 

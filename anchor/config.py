@@ -67,7 +67,7 @@ class AnchorConfig:
         "help": "On-the-fly axis: system prompts per role (None = all)."})
     axis_max_new_tokens: int = field(default=AxisSettings.max_new_tokens, metadata={
         "help": "On-the-fly axis: tokens generated per answer."})
-    axis_batch_size: int = field(default=32, metadata={"help": "On-the-fly axis: generation batch size."})
+    axis_batch_size: int = field(default=128, metadata={"help": "On-the-fly axis: generation batch size."})
     probe_file: str | None = field(default=None, metadata={
         "help": "Your own probes: JSON {'version': 1, 'probes': [{'domain': ..., 'prompt': ...}]} or JSONL of such "
                 "objects. None: the 64 shipped probes (coding, writing, emotional, meta)."})

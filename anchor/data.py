@@ -62,7 +62,7 @@ from typing import Any
 from torch import nn
 from tqdm.auto import tqdm
 
-from anchor.axis import AssistantAxis
+from anchor.axis import AssistantAxis, AxisSettings, cached_axis
 from anchor.extract import ExtractionSettings, run_batch
 from anchor.io import atomic_write_json, atomic_write_jsonl, read_utf8
 from anchor.models import fingerprint, model_id
@@ -155,6 +155,19 @@ def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
             raise ValueError(f"{path}, line {number}: a JSON object is expected, got {type(record).__name__}.")
         records.append(record)
     return records
+
+
+ROLE_SEARCH = AxisSettings(n_roles=None, n_questions=8, prompts_per_role=1, mode="prompt")
+"""The axis that finds the roles farthest from the Assistant when neither an axis bundle nor role names are given:
+every shipped role, in prompt mode (no generation, about a minute on 2 CPU cores for SmolLM2-135M). Prompt mode
+keeps the order of the roles along the axis (Spearman 0.85–0.90 to the full axis, ``scripts/results/
+bench_axis_variants.md``) though not its direction, and the order is all a search needs. The on-the-fly training
+axis samples only a few roles, so searching it would only rank those."""
+
+
+def role_search_axis(model: nn.Module, tokenizer: object, progress: bool = True) -> AssistantAxis:
+    """The :data:`ROLE_SEARCH` axis of ``model``, computed once and cached by model fingerprint."""
+    return cached_axis(model, tokenizer, ROLE_SEARCH, progress=progress)
 
 
 def far_roles(axis: AssistantAxis, n_roles: int, roles: object = None) -> list[str]:
@@ -287,5 +300,5 @@ def build_persona_data(
     return PersonaData(**out, metadata=metadata)
 
 
-__all__ = ["DEFAULTS", "SPLITS", "DataDefaults", "PersonaData", "build_persona_data", "far_roles", "read_jsonl",
-           "split_questions"]
+__all__ = ["DEFAULTS", "ROLE_SEARCH", "SPLITS", "DataDefaults", "PersonaData", "build_persona_data", "far_roles",
+           "read_jsonl", "role_search_axis", "split_questions"]

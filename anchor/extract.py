@@ -422,17 +422,29 @@ def _extract_unit(
 # -- choosing settings for a time budget ---------------------------------------------------------------------------
 
 BUDGET_FRONTIER: tuple[tuple[float, dict], ...] = (
-    (20.0, {"n_roles": 8, "n_questions": 32, "max_new_tokens": 4}),
-    (60.0, {"n_roles": 8, "n_questions": 96, "max_new_tokens": 4}),
-    (180.0, {"n_roles": 16, "n_questions": 128, "max_new_tokens": 8}),
+    (11.6, {"n_roles": 4, "n_questions": 8, "max_new_tokens": 16}),
+    (15.6, {"n_roles": 4, "n_questions": 16, "max_new_tokens": 16}),
+    (19.7, {"n_roles": 4, "n_questions": 24, "max_new_tokens": 16}),
+    (27.0, {"n_roles": 6, "n_questions": 16, "max_new_tokens": 32}),
+    (35.4, {"n_roles": 4, "n_questions": 32, "max_new_tokens": 32}),
+    (49.3, {"n_roles": 4, "n_questions": 48, "max_new_tokens": 32}),
+    (85.5, {"n_roles": 6, "n_questions": 64, "max_new_tokens": 32}),
+    (107.7, {"n_roles": 8, "n_questions": 64, "max_new_tokens": 32}),
+    (157.8, {"n_roles": 8, "n_questions": 96, "max_new_tokens": 32}),
+    (244.1, {"n_roles": 16, "n_questions": 80, "max_new_tokens": 32}),
+    (386.1, {"n_roles": 16, "n_questions": 128, "max_new_tokens": 32}),
+    (703.4, {"n_roles": 24, "n_questions": 160, "max_new_tokens": 32}),
 )
 """Seconds on the benchmark machine (2 CPU cores, SmolLM2-135M, batch 128) and the sampling settings that reach
-the highest cosine to the full axis within them: the frontier measured by ``scripts/bench_axis.py``."""
+the highest cosine to the full axis within them: points of the frontier measured by ``scripts/bench_axis.py``
+(``scripts/results/bench_axis_frontier.md``), each the most accurate setting at its cost by the 10th-percentile
+cosine over random role and question draws. Answers shorter than 16 tokens never make the list: they converge to a
+different direction, so more of them does not help."""
 
 PROBE_QUESTIONS = 32
-PROBE_SECONDS = 1.0
+PROBE_SECONDS = 1.75
 """What :func:`relative_speed`'s probe (the default Assistant answering the first PROBE_QUESTIONS shipped questions,
-4 new tokens, one batch) takes on the benchmark machine."""
+4 new tokens, one batch) takes on the benchmark machine, as timed by ``scripts/bench_axis.py variants``."""
 
 
 def settings_for_budget(seconds: float, speed: float = 1.0) -> AxisSettings:

@@ -50,7 +50,7 @@ from anchor.axis import CONFIG_NAME as AXIS_CONFIG
 from anchor.axis import AssistantAxis, cached_axis
 from anchor.callback import AnchorCallback, AnchorConfig
 from anchor.data import DEFAULTS as DATA_DEFAULTS
-from anchor.data import PersonaData, build_persona_data, read_jsonl
+from anchor.data import PersonaData, build_persona_data, read_jsonl, role_search_axis
 from anchor.io import atomic_write_json, atomic_write_text, nan_to_none
 from anchor.models import EMBEDDED, fingerprint, load_model
 from anchor.reference import Reference, find_peft
@@ -209,13 +209,22 @@ def _data_settings(args: RecipeArguments) -> dict[str, Any]:
 
 def prepare_persona_data(args: RecipeArguments, model: nn.Module, tokenizer: object,
                          axis: AssistantAxis | None) -> PersonaData:
-    """The persona data in ``args.dataset``: read it, or (main process first) build it there from the model."""
+    """The persona data in ``args.dataset``: read it, or (main process first) build it there from the model.
+
+    The roles are ``args.persona_role_names``, or the farthest from the Assistant on ``axis`` (the user's bundle), or
+    else on the role-search axis (:data:`anchor.data.ROLE_SEARCH`): the on-the-fly training axis samples too few
+    roles to search."""
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    zero3 = is_deepspeed_zero3_enabled()
     directory = Path(args.dataset)
     with _state().main_process_first():
         if not (directory / "data_config.json").is_file():
             if not args.build_data:
                 raise FileNotFoundError(f"{directory} holds no persona data and build_data is off; build it with "
                                         f"`anchor data --out {directory}` or point dataset at your JSONL.")
+            if axis is None and not args.persona_role_names and not zero3:
+                axis = role_search_axis(model, tokenizer, progress=_state().is_main_process)
             if axis is None and not args.persona_role_names:
                 raise RuntimeError(
                     f"Building the persona data in {directory} needs the axis, which cannot be computed before "
@@ -339,7 +348,8 @@ def train(script_args: RecipeArguments, training_args: Any, model_args: Any, anc
     if not zero3:  # under ZeRO-3 the model is partitioned at load; only the trainer may run it
         model.to(training_args.device)
     axis = None if zero3 else resolve_axis(model, tokenizer, anchor_config, progress=state.is_main_process)
-    persona = prepare_persona_data(script_args, model, tokenizer, axis) if _is_data_dir(script_args.dataset) else None
+    bundle = axis if anchor_config.axis else None  # a role search reads the user's bundle, never the on-the-fly axis
+    persona = prepare_persona_data(script_args, model, tokenizer, bundle) if _is_data_dir(script_args.dataset) else None
     train_ds, eval_ds = load_datasets(script_args, training_args, persona)
 
     callback = AnchorCallback(anchor_config, axis=axis) if script_args.anchor else None

@@ -255,6 +255,10 @@ def variants(args: argparse.Namespace) -> None:
         compute_axis(model, tokenizer, n_roles=2, n_questions=2, max_new_tokens=2, out_dir=tmp, progress=False)
     result = {**machine(), "batch_size": BATCH, "reference": str(REFERENCE_DIR.relative_to(RESULTS.parent.parent)),
               "middle_layers": [middle(ref.n_layers).start, middle(ref.n_layers).stop - 1], "variants": {}}
+    earlier = RESULTS / "bench_axis_variants.json"
+    if earlier.is_file():  # rows not re-timed now keep their earlier runs (each run records its own uptime)
+        kept = json.loads(earlier.read_text())["variants"]
+        result["earlier"] = {name: row for name, row in kept.items() if name not in names}
     for rep in range(args.repeats):
         probe = ex.PROBE_SECONDS / ex.relative_speed(model, tokenizer)
         result.setdefault("probe_seconds", []).append(round(probe, 3))
@@ -282,7 +286,9 @@ def variants(args: argparse.Namespace) -> None:
           f"{result['probe_seconds']}).", "",
           "| variant | seconds (median) | range | cores busy | answers | cos middle mean | cos middle min | "
           "role-order Spearman |", "|---|---|---|---|---|---|---|---|"]
-    for name, row in result["variants"].items():
+    rows = {**{f"{name} (earlier run)": row for name, row in result.get("earlier", {}).items()},
+            **result["variants"]}
+    for name, row in rows.items():
         secs = [r["seconds"] for r in row["runs"]]
         md.append(f"| {name} | {row['seconds']} | {min(secs):.1f}–{max(secs):.1f} | "
                   f"{statistics.median(r['cores'] for r in row['runs']):.2f} | {row['n_answers']} | "
@@ -355,7 +361,8 @@ def load_pool(path: Path) -> tuple[list[str], dict[str, torch.Tensor], torch.Ten
 def frontier(args: argparse.Namespace) -> None:
     """Many random draws of roles and questions from the pool per grid point; seconds from the cost model."""
     ref = AssistantAxis.from_pretrained(REFERENCE_DIR)
-    timed_rows = json.loads((RESULTS / "bench_axis_variants.json").read_text())["variants"]
+    timed = json.loads((RESULTS / "bench_axis_variants.json").read_text())
+    timed_rows = {**timed.get("earlier", {}), **timed["variants"]}
     coef, formula = cost_model(timed_rows)
     roles, means, counts = load_pool(Path(args.pool))
     gen = torch.Generator().manual_seed(args.seed)

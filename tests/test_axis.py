@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
+import re
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -18,6 +21,7 @@ from anchor.spans import encode_chat, encode_prompt
 from tests.conftest import TINY_QUESTIONS, TINY_ROLES, make_tiny_model
 
 DEFAULTS = ["", "You are a helpful assistant."]
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def _layer_outputs(model, ids):
@@ -305,6 +309,17 @@ def test_axis_cli_budget_picks_the_settings_and_refuses_a_clash(tmp_path, cli_in
     assert meta["extraction"]["mode"] == chosen.mode
 
 
+def test_on_the_fly_default_is_the_frontiers_choice_for_a_minute():
+    from anchor.axis import AxisSettings
+    from anchor.config import AnchorConfig
+    from anchor.extract import BUDGET_FRONTIER, settings_for_budget
+
+    assert AxisSettings() == settings_for_budget(60) == AnchorConfig().axis_settings()
+    costs = [cost for cost, _ in BUDGET_FRONTIER]
+    assert costs == sorted(costs) and all(s["max_new_tokens"] >= 16 for _, s in BUDGET_FRONTIER)
+    assert settings_for_budget(60, speed=0.5) == AxisSettings(**{"prompts_per_role": 1, **BUDGET_FRONTIER[3][1]})
+
+
 SIGINT_SCRIPT = textwrap.dedent("""
     import sys
     import anchor.extract as ex
@@ -357,3 +372,20 @@ def test_embedded_model_axis_has_assistant_structure(smollm2, tmp_path):
     top = axis.role_names[int(axis.role_projections(layer).argmax())]
     assert top in {"assistant", "analyst"}
     assert float(axis.pc1_cosine()[10:20].mean()) > 0.5
+
+
+@pytest.mark.slow
+def test_docs_example_runs_as_written(tmp_path):
+    """The first python block of docs/axis.md (the on-the-fly settings on the embedded model), in a fresh process."""
+    from anchor.extract import settings_for_budget
+
+    code = re.search(r"```python\n(.*?)```", (ROOT / "docs" / "axis.md").read_text(), re.S).group(1)
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
+                         timeout=900)
+    assert out.returncode == 0, out.stderr[-4000:]
+    assert out.stdout.splitlines()[-1].startswith("cos(axis, PC1)")
+    meta = AssistantAxis.from_pretrained(tmp_path / "outputs" / "axis").metadata
+    chosen = settings_for_budget(60)
+    assert (meta["n_roles"], meta["n_questions"], meta["extraction"]["max_new_tokens"]) == (
+        chosen.n_roles, chosen.n_questions, chosen.max_new_tokens)

@@ -129,3 +129,31 @@ def test_cli_builds_data_from_a_local_model(tiny_tokenizer, tmp_path, capsys):
     meta = json.loads((out / "data_config.json").read_text())
     assert list(meta["roles"]) == ["bard", "ghost"] and len(meta["questions"]["heldout"]) == 1
     assert "sft_train.jsonl" in capsys.readouterr().out
+
+
+def test_role_search_ranks_every_shipped_role_in_prompt_mode(tmp_path, monkeypatch, tiny_tokenizer) -> None:
+    """Without an axis bundle or role names, far roles are searched among all shipped roles, not the few roles the
+    on-the-fly training axis samples."""
+    from anchor.personas import load_roles
+
+    monkeypatch.setenv("ANCHOR_CACHE", str(tmp_path))
+    axis = data_mod.role_search_axis(make_tiny_model(tiny_tokenizer), tiny_tokenizer, progress=False)
+    assert sorted(axis.role_names) == sorted(load_roles())
+    assert axis.metadata["extraction"]["mode"] == "prompt" and axis.metadata["n_questions"] == 8
+
+
+def test_recipe_data_without_roles_or_bundle_uses_the_role_search(tmp_path, monkeypatch, tiny_tokenizer,
+                                                                   tiny_axis) -> None:
+    from anchor import train
+
+    searched = []
+    monkeypatch.setattr(train, "role_search_axis", lambda *a, **k: searched.append(1) or tiny_axis)
+    monkeypatch.setattr(train, "build_persona_data", lambda model, tok, axis, **k: searched.append(axis) or
+                        PersonaData.__new__(PersonaData))
+    monkeypatch.setattr(PersonaData, "save", lambda self, d: None)
+    args = train.RecipeArguments(dataset=str(tmp_path / "data"))
+    train.prepare_persona_data(args, make_tiny_model(tiny_tokenizer), tiny_tokenizer, None)
+    assert searched == [1, tiny_axis]
+    searched.clear()
+    train.prepare_persona_data(args, make_tiny_model(tiny_tokenizer), tiny_tokenizer, tiny_axis)  # a user bundle
+    assert searched == [tiny_axis]

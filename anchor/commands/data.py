@@ -62,16 +62,14 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _default_axis(model: object, tokenizer: object, quiet: bool) -> object:
-    """The cached default axis of ``model``; when it must be computed, say first what that costs."""
-    from anchor.axis import CONFIG_NAME, AxisSettings, axis_cache_dir, cached_axis
+    """The cached role-search axis of ``model``; when it must be computed, say first what that costs."""
+    from anchor.axis import CONFIG_NAME, axis_cache_dir
+    from anchor.data import ROLE_SEARCH, role_search_axis
     from anchor.personas import load_questions, load_roles
 
-    settings = AxisSettings()
-    if not (axis_cache_dir(model, settings) / CONFIG_NAME).is_file():
-        roles = settings.n_roles or len(load_roles())
-        questions = settings.n_questions or len(load_questions())
-        answers = (roles + 1) * questions * (settings.prompts_per_role or 3)
-        print(f"No --axis: first computing this model's Assistant Axis to find the roles farthest from it, about "
-              f"{answers} answers of up to {settings.max_new_tokens} tokens (once; later runs read it from the "
-              "cache). --axis DIR or --role-names skip this.", flush=True)
-    return cached_axis(model, tokenizer, settings, progress=not quiet)
+    if not (axis_cache_dir(model, ROLE_SEARCH) / CONFIG_NAME).is_file():
+        answers = len(load_roles()) * (ROLE_SEARCH.n_questions or len(load_questions()))
+        print(f"No --axis: first ranking every shipped role along this model's Assistant Axis to find the farthest, "
+              f"about {answers} prompt reads, no generation (once; later runs read it from the cache). --axis DIR or "
+              "--role-names skip this.", flush=True)
+    return role_search_axis(model, tokenizer, progress=not quiet)
