@@ -1,22 +1,34 @@
-"""Overhead of the training-time anchor: step time and peak memory of anchored vs plain SFTTrainer runs.
+"""Overhead of the training-time anchor, per method, of a probe step, and of the drift monitor at generation.
 
-Same model, data, batch and settings; the only difference is the AnchorCallback (``floor`` at its default layers,
-no probes). Runs alternate plain / anchored inside one process, several repetitions each, and the first steps of
-every run are dropped as warm-up. The step time is the wall time between consecutive ``on_step_end`` events, so it
-covers everything the trainer does per step, callbacks included. Peak memory is ``torch.cuda.max_memory_allocated``
-per run on a GPU; on the CPU it is the peak RSS (``ru_maxrss``) of a fresh subprocess per run, since RSS never
-goes down within a process.
+One run measures three things on the embedded SmolLM2-135M:
 
-    python scripts/bench_overhead.py                           # CPU, embedded SmolLM2-135M, fp32
+* **Methods.** Plain SFTTrainer against SFTTrainer + ``AnchorCallback(AnchorConfig(axis=..., method=[name]))``
+  for every registered method, each with its ``AnchorConfig`` defaults. Every training run is a fresh process
+  (forked from a server that has imported torch, transformers and TRL, so a run does not pay for the imports),
+  so its peak memory is its own: ``ru_maxrss`` on the CPU, ``torch.cuda.max_memory_allocated`` on a GPU. The
+  configurations run in one order in even repetitions and in the reverse order in odd ones, so a slow drift of the
+  machine hits them alike. The step time is the wall time between consecutive ``on_step_end`` events (callbacks
+  included), the first ``--warmup`` steps dropped; the ratio of a repetition is the method's median step over the
+  same repetition's plain median step, and the table gives the median over repetitions with their min–max.
+  Methods that add a forward (a reference pass or a replayed batch: their classes override ``before_forward`` or
+  ``step_loss``) are labelled so; the targets (≤ 1.02 time, ≤ 1.01 memory) are for the others.
+* **A probe step.** ``floor`` with ``probe_every``: the probe steps' median minus the other steps' median, in
+  seconds and over the plain step (shipped probes, ``AnchorConfig``'s probe defaults).
+* **The monitor at generation.** ``anchor.chat.generate_replies`` against ``replies_with_projections`` (the same
+  greedy replies, then ``monitor_many`` reads them at the report layer): generated tokens/s, batch 1 and 8,
+  interleaved repetitions.
+
+    python scripts/bench_overhead.py                           # CPU, 2 threads, fp32 (about 12 minutes)
     python scripts/bench_overhead.py --device cuda --dtype bf16
 
-Writes ``scripts/results/bench_overhead_<device>.json`` and ``.md``.
+Writes ``scripts/results/bench_overhead_<device>.{json,md,png}`` with ``uptime`` at the start and the end.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import concurrent.futures
+import multiprocessing
 import platform
 import resource
 import statistics
@@ -24,11 +36,13 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "scripts" / "results"
 TARGETS = {"time": 1.02, "memory": 1.01}
+PRELOAD = ["torch", "transformers", "datasets", "trl", "anchor.callback", "anchor.chat"]
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
@@ -36,43 +50,131 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--model", default="smollm2")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--dtype", default=None, help="fp32 (default on CPU) or bf16")
-    p.add_argument("--batch-size", type=int, default=None, help="per-device batch (default 1 on CPU, 8 on GPU)")
-    p.add_argument("--seq-len", type=int, default=None, help="tokens per example (default 32 on CPU, 512 on GPU)")
+    p.add_argument("--threads", type=int, default=2, help="torch CPU threads, set in every process (CPU only)")
+    p.add_argument("--batch-size", type=int, default=None, help="per-device batch (default 2 on CPU, 8 on GPU)")
+    p.add_argument("--seq-len", type=int, default=None, help="tokens per example (default 64 on CPU, 512 on GPU)")
     p.add_argument("--steps", type=int, default=None, help="optimizer steps per run (default 6 on CPU, 20 on GPU)")
     p.add_argument("--warmup", type=int, default=None, help="steps dropped at the start of every run (1 / 5)")
     p.add_argument("--reps", type=int, default=3, help="runs per configuration, interleaved")
-    p.add_argument("--method", default="floor")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--forward-reps", type=int, default=2, help="runs of each method that adds a forward")
+    p.add_argument("--forward-steps", type=int, default=None,
+                   help="steps per run of a method that adds a forward (default: --steps on GPU, 3 on CPU)")
+    p.add_argument("--methods", nargs="+", default=None, help="registered methods to time (default: all)")
+    p.add_argument("--probe-every", type=int, default=2, help="probe_every of the probe-step run")
+    p.add_argument("--probe-steps", type=int, default=5, help="steps of the probe-step run")
+    p.add_argument("--monitor-reps", type=int, default=4)
+    p.add_argument("--monitor-new-tokens", type=int, default=32)
+    p.add_argument("--monitor-batch-sizes", type=int, nargs="+", default=[1, 8])
     p.add_argument("--axis", default=None, help="axis bundle (default: a prompt-mode axis computed once and cached)")
     p.add_argument("--out", default=str(RESULTS))
-    p.add_argument("--memory-worker", choices=("plain", "anchored"), default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     gpu = args.device.startswith("cuda")
     args.dtype = args.dtype or ("bf16" if gpu else "fp32")
-    args.batch_size = args.batch_size or (8 if gpu else 1)
-    args.seq_len = args.seq_len or (512 if gpu else 32)
+    args.batch_size = args.batch_size or (8 if gpu else 2)
+    args.seq_len = args.seq_len or (512 if gpu else 64)
     args.steps = args.steps or (20 if gpu else 6)
     args.warmup = args.warmup if args.warmup is not None else (5 if gpu else 1)
+    args.forward_steps = args.forward_steps or (args.steps if gpu else 3)
+    for name in ("steps", "forward_steps", "probe_steps"):
+        if getattr(args, name) <= args.warmup:
+            raise SystemExit(f"--{name.replace('_', '-')}={getattr(args, name)} leaves no step after the "
+                             f"--warmup={args.warmup} dropped ones; raise it.")
+    if args.probe_steps < args.warmup + 2 * args.probe_every:
+        raise SystemExit(f"--probe-steps={args.probe_steps} must cover two probe steps after the warm-up: use at least "
+                         f"{args.warmup + 2 * args.probe_every}.")
     return args
 
 
-def bench_axis(args: argparse.Namespace, model, tokenizer) -> str:
-    """A small prompt-mode axis (forward passes only): overhead does not depend on the axis's quality."""
-    from anchor.axis import AssistantAxis, compute_axis
-    from anchor.models import cache_dir, fingerprint
+# -- shared with bench_capping.py --------------------------------------------------------------------------------
 
-    if args.axis:
-        return args.axis
+def uptime() -> str:
+    """``uptime``'s line: the load averages say whether a timing was taken on a quiet machine."""
+    return subprocess.run(["uptime"], capture_output=True, text=True, check=True).stdout.strip()
+
+
+def spread(values: Sequence[float]) -> dict:
+    """Median, min and max of per-repetition ratios (the values kept, so a reader can recompute)."""
+    return {"median": statistics.median(values), "min": min(values), "max": max(values), "values": list(values)}
+
+
+def verdict(s: dict, target: float, bound: str) -> str:
+    """Whether a ratio's spread meets ``target``; ``bound`` is "max" (a cost: ≤ target, and ≥ 1 since the arm does
+    extra work) or "min" (a throughput: ≥ target, and ≤ 1). A spread across the target, or a median on the wrong
+    side of 1 (the extra work measured as free), is the noise of the measurement, and said so."""
+    ok = s["max"] <= target if bound == "max" else s["min"] >= target
+    bad = s["min"] > target if bound == "max" else s["max"] < target
+    wrong_side = s["median"] < 1 if bound == "max" else s["median"] > 1
+    sign = "≤" if bound == "max" else "≥"
+    if not ok and not bad:
+        return f"noise-bound: the spread {s['min']:.3f}–{s['max']:.3f} straddles {sign} {target}"
+    text = f"meets {sign} {target}" if ok else f"misses {sign} {target}"
+    return text + (" (median on the wrong side of 1: noise-bound)" if wrong_side else "")
+
+
+def fmt_spread(s: dict) -> str:
+    return f"{s['median']:.3f} ({s['min']:.3f}–{s['max']:.3f})"
+
+
+def plot_ratio_bars(ax: object, labels: Sequence[str], spreads: Sequence[dict], target: float | None,
+                    title: str, log: bool = False) -> None:
+    """Median ratios as bars with min–max whiskers, a line at 1 and one at the target."""
+    medians = [s["median"] for s in spreads]
+    errors = [[m - s["min"] for m, s in zip(medians, spreads, strict=True)],
+              [s["max"] - m for m, s in zip(medians, spreads, strict=True)]]
+    ax.bar(range(len(labels)), [m - 1 for m in medians], bottom=1.0, yerr=errors, capsize=4, color="tab:blue",
+           alpha=0.7)
+    ax.axhline(1.0, color="0.3", lw=0.8)
+    if target is not None:
+        ax.axhline(target, color="tab:red", ls="--", lw=1, label=f"target {target}")
+        ax.legend(fontsize="small")
+    ax.set_xticks(range(len(labels)), labels, rotation=30, ha="right", fontsize="small")
+    ax.set_title(title, fontsize="medium")
+    if log:
+        ax.set_yscale("log")
+    else:
+        low = min(s["min"] for s in spreads)
+        high = max([s["max"] for s in spreads] + [target or 1.0])
+        pad = max(0.01, (high - low) * 0.2)
+        ax.set_ylim(min(low, 1.0) - pad, high + pad)
+
+
+def save_figure(fig: object, path: Path) -> None:
+    from anchor.io import atomic_write
+
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120))
+
+
+# -- training runs (each in a fresh process) ---------------------------------------------------------------------
+
+def adds_forward(name: str) -> bool:
+    """Whether a method runs a forward of its own: a reference pass before each step's forward or a term from a
+    replayed batch (its class overrides ``before_forward`` or ``step_loss``)."""
+    from anchor.methods import AnchorMethod, get_method
+
+    cls = get_method(name)
+    return any(getattr(cls, hook) is not getattr(AnchorMethod, hook) for hook in ("before_forward", "step_loss"))
+
+
+def bench_axis(model_name: str, dtype: str, given: str | None = None) -> str:
+    """``given``, checked, or a small prompt-mode axis (forward passes only) computed once and cached: overhead does
+    not depend on the axis's quality."""
+    from anchor.axis import AssistantAxis, compute_axis
+    from anchor.models import cache_dir, fingerprint, load_model
+
+    if given:
+        AssistantAxis.from_pretrained(given)  # a clear error now, not in the first training process
+        return given
+    model, tokenizer = load_model(model_name, dtype=dtype)
     path = cache_dir() / "axes" / f"bench-{fingerprint(model)}"
     if not (path / "axis_config.json").is_file():
         axis = compute_axis(model, tokenizer, mode="prompt", n_roles=8, n_questions=8, progress=False)
         axis.save_pretrained(path)
-    AssistantAxis.from_pretrained(path)
     return str(path)
 
 
-def dataset(tokenizer, seq_len: int, n: int):
-    """Identical examples of about ``seq_len`` tokens, so every step has the same shapes."""
+def dataset(seq_len: int, n: int):
+    """Identical examples of at least ``seq_len`` tokens (cut to it by the trainer): every step has the same shapes."""
     from datasets import Dataset
 
     answer = "The capital of France is Paris, a city on the Seine known for its museums and cafes. "
@@ -82,16 +184,17 @@ def dataset(tokenizer, seq_len: int, n: int):
 
 
 class StepClock:
-    """Wall time between consecutive ``on_step_end`` events (the first is measured from ``on_train_begin``)."""
+    """Wall time between consecutive ``on_step_end`` events, the first measured from ``on_train_begin`` (which runs
+    after the anchor's own set-up, since the callback puts itself first)."""
 
-    def __init__(self):
+    def __init__(self, sync: Callable[[], None] | None):
         from transformers import TrainerCallback
 
         clock = self
 
         class _Callback(TrainerCallback):
             def on_train_begin(self, *a, **k):
-                clock.last = time.perf_counter()
+                clock.begin = clock.last = time.perf_counter()
 
             def on_step_end(self, *a, **k):
                 if clock.sync is not None:
@@ -102,12 +205,12 @@ class StepClock:
 
         self.callback = _Callback()
         self.times: list[float] = []
-        self.last = 0.0
-        self.sync = None
+        self.begin = self.last = 0.0
+        self.sync = sync
 
 
-def run_once(args: argparse.Namespace, anchored: bool, axis_path: str) -> dict:
-    """Train ``args.steps`` steps; return step times and peak memory of this run."""
+def train_run(args: argparse.Namespace, axis_path: str, method: str | None, steps: int, probe_every: int = 0) -> dict:
+    """Train ``steps`` steps, plain (``method`` None) or anchored; return step times, set-up time and peak memory."""
     import torch
     from trl import SFTConfig, SFTTrainer
 
@@ -115,132 +218,283 @@ def run_once(args: argparse.Namespace, anchored: bool, axis_path: str) -> dict:
     from anchor.callback import AnchorCallback, AnchorConfig
 
     gpu = args.device.startswith("cuda")
+    if not gpu:
+        torch.set_num_threads(args.threads)
     model, tokenizer = load_model(args.model, device=args.device, dtype=args.dtype)
-    clock = StepClock()
-    clock.sync = torch.cuda.synchronize if gpu else None
+    clock = StepClock(torch.cuda.synchronize if gpu else None)
     callbacks = [clock.callback]
-    if anchored:
-        callbacks.append(AnchorCallback(AnchorConfig(axis=axis_path, method=args.method, weight=1.0)))
+    if method is not None:
+        callbacks.append(AnchorCallback(AnchorConfig(axis=axis_path, method=[method], probe_every=probe_every)))
     with tempfile.TemporaryDirectory() as out:
         config = SFTConfig(
-            output_dir=out, max_steps=args.steps, per_device_train_batch_size=args.batch_size, learning_rate=1e-5,
-            logging_steps=10, report_to="none", save_strategy="no", dataloader_num_workers=0, disable_tqdm=True,
+            output_dir=out, max_steps=steps, per_device_train_batch_size=args.batch_size, learning_rate=1e-5,
+            logging_steps=1000, report_to="none", save_strategy="no", dataloader_num_workers=0, disable_tqdm=True,
             use_cpu=not gpu, bf16=args.dtype == "bf16", max_length=args.seq_len, seed=0,
         )
         trainer = SFTTrainer(model=model, args=config, processing_class=tokenizer, callbacks=callbacks,
-                             train_dataset=dataset(tokenizer, args.seq_len, args.steps * args.batch_size))
+                             train_dataset=dataset(args.seq_len, steps * args.batch_size))
         if gpu:
             torch.cuda.reset_peak_memory_stats()
+        started = time.perf_counter()
         trainer.train()
-    peak = torch.cuda.max_memory_allocated() if gpu else None
-    del trainer, model
-    if gpu:
-        torch.cuda.empty_cache()
-    return {"anchored": anchored, "step_times": clock.times[args.warmup:], "peak_bytes": peak}
+    peak = torch.cuda.max_memory_allocated() if gpu else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return {"method": method or "plain", "step_times": clock.times, "setup_s": clock.begin - started,
+            "peak_bytes": peak, "threads": torch.get_num_threads(), "probe_every": probe_every}
 
 
-def cpu_peak_rss(args: argparse.Namespace, anchored: bool, axis_path: str) -> int:
-    """Peak RSS in bytes of a fresh process that loads the model and trains (one configuration)."""
-    command = [sys.executable, __file__, "--memory-worker", "anchored" if anchored else "plain", "--axis", axis_path,
-               "--model", args.model, "--device", args.device, "--dtype", args.dtype, "--batch-size",
-               str(args.batch_size), "--seq-len", str(args.seq_len), "--steps", str(max(3, args.steps // 2)),
-               "--method", args.method]
-    if args.threads:
-        command += ["--threads", str(args.threads)]
-    done = subprocess.run(command, capture_output=True, text=True, check=True, cwd=ROOT)
-    return json.loads(done.stdout.strip().splitlines()[-1])["peak_rss_bytes"]
+def steady(run: dict, warmup: int) -> float:
+    """Median step time after the warm-up steps."""
+    return statistics.median(run["step_times"][warmup:])
 
+
+def method_overhead(args: argparse.Namespace, pool: Callable, axis_path: str, methods: list[str]) -> dict:
+    """Every configuration in a fresh process, interleaved over repetitions; per-repetition ratios to plain."""
+    order = ["plain", *sorted(methods, key=lambda m: (adds_forward(m), m))]
+    runs: list[dict] = []
+    for rep in range(args.reps):
+        for name in (order if rep % 2 == 0 else order[::-1]):
+            heavy = name != "plain" and adds_forward(name)
+            if heavy and rep >= args.forward_reps:
+                continue
+            run = pool(train_run, args, axis_path, None if name == "plain" else name,
+                       args.forward_steps if heavy else args.steps)
+            runs.append({"rep": rep, **run})
+            print(f"rep {rep} {name:12s} step {steady(run, args.warmup):.3f} s, set-up {run['setup_s']:.1f} s, "
+                  f"peak {run['peak_bytes'] / 2**20:.0f} MiB  [{uptime()}]", flush=True)
+    plain = {r["rep"]: r for r in runs if r["method"] == "plain"}
+    rows = []
+    for name in order:
+        mine = [r for r in runs if r["method"] == name]
+        pairs = [(r, plain[r["rep"]]) for r in mine]
+        rows.append({
+            "method": name, "adds_forward": name != "plain" and adds_forward(name), "reps": len(mine),
+            "step_s": statistics.median(steady(r, args.warmup) for r in mine),
+            "first_step_s": statistics.median(r["step_times"][0] for r in mine),
+            "setup_s": statistics.median(r["setup_s"] for r in mine),
+            "peak_bytes": statistics.median(r["peak_bytes"] for r in mine),
+            "time_ratio": spread([steady(r, args.warmup) / steady(p, args.warmup) for r, p in pairs]),
+            "memory_ratio": spread([r["peak_bytes"] / p["peak_bytes"] for r, p in pairs]),
+        })
+    return {"order": order, "rows": rows, "runs": runs}
+
+
+def probe_cost(args: argparse.Namespace, pool: Callable, axis_path: str, plain_step: float) -> dict:
+    """One ``floor`` run with ``probe_every``: probe steps against the run's other steps after the warm-up."""
+    run = pool(train_run, args, axis_path, "floor", args.probe_steps, args.probe_every)
+    from anchor.config import AnchorConfig
+
+    cfg = AnchorConfig()
+    probe = [t for i, t in enumerate(run["step_times"], start=1) if i > args.warmup and i % args.probe_every == 0]
+    other = [t for i, t in enumerate(run["step_times"], start=1) if i > args.warmup and i % args.probe_every]
+    cost = statistics.median(probe) - statistics.median(other)
+    return {"probe_every": args.probe_every, "probe_mode": cfg.probe_mode, "probes_per_domain": cfg.probes_per_domain,
+            "probe_max_new_tokens": cfg.probe_max_new_tokens, "probe_batch_size": cfg.probe_batch_size,
+            "probe_step_s": probe, "other_step_s": other, "cost_s": cost, "cost_over_plain_step": cost / plain_step,
+            "baseline_setup_s": run["setup_s"], "run": run}
+
+
+# -- the monitor at generation -------------------------------------------------------------------------------------
+
+def monitor_overhead(args: argparse.Namespace, axis_path: str) -> list[dict]:
+    """Generated tokens/s of greedy replies alone and with their projections read (interleaved, per batch size)."""
+    import torch
+
+    from anchor import AssistantAxis, load_model
+    from anchor.chat import TurnDecoder, generate_replies, replies_with_projections
+    from anchor.personas import load_probes
+    from anchor.spans import encode_prompt
+
+    gpu = args.device.startswith("cuda")
+    if not gpu:
+        torch.set_num_threads(args.threads)
+    model, tokenizer = load_model(args.model, device=args.device, dtype=args.dtype)
+    axis = AssistantAxis.from_pretrained(axis_path)
+    prompts = [p.prompt for p in load_probes() if p.domain in ("coding", "writing")]
+    n = args.monitor_new_tokens
+    arms = {"without": lambda c, b: generate_replies(model, tokenizer, c, n, b),
+            "with": lambda c, b: [r for r, _ in replies_with_projections(model, tokenizer, axis, c, max_new_tokens=n,
+                                                                           batch_size=b)]}
+    rows = []
+    for batch in args.monitor_batch_sizes:
+        conversations = [[{"role": "user", "content": p}] for p in prompts[:batch]]
+        # Warm-up, and the exact count of generated tokens: generate_replies runs this decoder on one batch.
+        decoder = TurnDecoder(model, tokenizer, batch)
+        tokens = sum(map(len, decoder.reply([encode_prompt(tokenizer, c) for c in conversations], n)))
+        times: dict[str, list[float]] = {"without": [], "with": []}
+        replies: dict[str, list[str]] = {}
+        for rep in range(args.monitor_reps):
+            for arm in (("without", "with") if rep % 2 == 0 else ("with", "without")):
+                start = time.perf_counter()
+                replies[arm] = arms[arm](conversations, batch)
+                if gpu:
+                    torch.cuda.synchronize()
+                times[arm].append(time.perf_counter() - start)
+        if replies["with"] != replies["without"]:
+            raise RuntimeError("the monitor changed the replies: it must only read.")
+        rows.append({
+            "batch_size": batch, "tokens": tokens, "times_s": times,
+            "tok_s": {arm: tokens / statistics.median(t) for arm, t in times.items()},
+            "throughput_ratio": spread([w / m for w, m in zip(times["without"], times["with"], strict=True)]),
+            "monitor_s": statistics.median(m - w for w, m in zip(times["without"], times["with"], strict=True)),
+        })
+        print(f"monitor batch {batch}: ratio {fmt_spread(rows[-1]['throughput_ratio'])}", flush=True)
+    return rows
+
+
+# -- main ----------------------------------------------------------------------------------------------------------
 
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
+    from anchor.methods import available_methods
+
+    methods = args.methods or available_methods()
+    unknown = sorted(set(methods) - set(available_methods()))
+    if unknown:
+        raise SystemExit(f"--methods: unknown {unknown}; choose from {available_methods()}.")
+    gpu = args.device.startswith("cuda")
+    result: dict = {"command": "python " + " ".join([f"scripts/{Path(__file__).name}", *sys.argv[1:]]),
+                    "uptime_at_start": uptime()}
+    axis_path = bench_axis(args.model, args.dtype, args.axis)
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(PRELOAD)
+    started = time.perf_counter()
+
+    def pool(fn: Callable, *fn_args: object) -> dict:
+        """Run ``fn(*fn_args)`` in a fresh process (one task per process) and return its result."""
+        with concurrent.futures.ProcessPoolExecutor(1, mp_context=context, max_tasks_per_child=1) as executor:
+            return executor.submit(fn, *fn_args).result()
+
+    overhead = method_overhead(args, pool, axis_path, methods)
+    plain_step = next(r["step_s"] for r in overhead["rows"] if r["method"] == "plain")
+    probe = probe_cost(args, pool, axis_path, plain_step)
+    print(f"probe step: {probe['cost_s']:.2f} s ({probe['cost_over_plain_step']:.2f} plain steps)", flush=True)
+    monitor = pool(monitor_overhead, args, axis_path)
     import torch
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    if args.memory_worker:
-        run_once(args, args.memory_worker == "anchored", args.axis)
-        print(json.dumps({"peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
-        return 0
-
-    from anchor import load_model
-    from anchor.loss import default_layers
-
-    gpu = args.device.startswith("cuda")
-    model, tokenizer = load_model(args.model, dtype=args.dtype)
-    axis_path = bench_axis(args, model, tokenizer)
-    from anchor.axis import AssistantAxis
-
-    layers = default_layers(AssistantAxis.from_pretrained(axis_path))
-    del model
-    started = time.perf_counter()
-    runs = []
-    for rep in range(args.reps):
-        for anchored in ((False, True) if rep % 2 == 0 else (True, False)):  # alternate who goes first
-            runs.append({"rep": rep, **run_once(args, anchored, axis_path)})
-            label = "anchored" if anchored else "plain"
-            print(f"rep {rep} {label:8s} median step {statistics.median(runs[-1]['step_times']):.4f} s", flush=True)
-    if not gpu:
-        for run in runs:
-            run["peak_bytes"] = None
-        memory = {"plain": [], "anchored": []}
-        for rep in range(2):
-            for anchored in ((False, True) if rep % 2 == 0 else (True, False)):
-                memory["anchored" if anchored else "plain"].append(cpu_peak_rss(args, anchored, axis_path))
-        peak = {k: min(v) for k, v in memory.items()}
-    else:
-        peak = {k: max(r["peak_bytes"] for r in runs if r["anchored"] == (k == "anchored"))
-                for k in ("plain", "anchored")}
-
-    def times(anchored: bool) -> list[float]:
-        return [t for r in runs if r["anchored"] == anchored for t in r["step_times"]]
-
-    per_rep = [statistics.median(a["step_times"]) / statistics.median(p["step_times"])
-               for a in runs if a["anchored"] for p in runs if not p["anchored"] and p["rep"] == a["rep"]]
-    result = {
-        "device": torch.cuda.get_device_name() if gpu else f"cpu ({platform.processor() or platform.machine()}, "
-                                                           f"{torch.get_num_threads()} threads)",
-        "torch": torch.__version__,
-        "model": args.model, "dtype": args.dtype, "method": args.method, "layers": layers,
-        "batch_size": args.batch_size, "seq_len": args.seq_len, "steps": args.steps, "warmup": args.warmup,
-        "reps": args.reps, "seconds": round(time.perf_counter() - started, 1),
-        "median_step_s": {"plain": statistics.median(times(False)), "anchored": statistics.median(times(True))},
-        "time_ratio": statistics.median(times(True)) / statistics.median(times(False)),
-        "time_ratio_per_rep": per_rep,
-        "peak_memory_bytes": peak,
+    threads = overhead["runs"][0]["threads"]
+    result.update({
+        "device": torch.cuda.get_device_name() if gpu else f"cpu ({platform.processor() or platform.machine()})",
+        "threads": None if gpu else threads, "torch": torch.__version__, "model": args.model, "dtype": args.dtype,
+        "batch_size": args.batch_size, "seq_len": args.seq_len, "steps": args.steps,
+        "forward_steps": args.forward_steps, "warmup": args.warmup, "reps": args.reps,
+        "forward_reps": args.forward_reps, "axis": axis_path,
         "peak_memory_kind": "torch.cuda.max_memory_allocated" if gpu else "peak RSS of a fresh process (ru_maxrss)",
-        "memory_ratio": peak["anchored"] / peak["plain"],
-        "targets": TARGETS,
-        "runs": runs,
-    }
+        "targets": TARGETS, "methods": overhead["rows"], "probe": probe, "monitor": monitor,
+        "monitor_new_tokens": args.monitor_new_tokens, "monitor_reps": args.monitor_reps,
+        "seconds": round(time.perf_counter() - started, 1), "uptime_at_end": uptime(), "runs": overhead["runs"],
+    })
     write(result, Path(args.out), "cuda" if gpu else "cpu")
     return 0
 
 
+def method_verdicts(row: dict) -> str:
+    if row["method"] == "plain":
+        return "reference"
+    if row["adds_forward"]:
+        return "adds a forward: no target"
+    return "; ".join(f"{kind} {verdict(row[f'{kind}_ratio'], TARGETS[kind], 'max')}" for kind in TARGETS)
+
+
+def monitor_note(row: dict) -> str:
+    """The monitor only adds work, so a throughput ratio above 1 is noise, and one whose spread reaches 1 is too."""
+    s = row["throughput_ratio"]
+    if s["median"] > 1:
+        return "noise-bound: faster with the monitor's extra work"
+    return "noise-bound: the spread reaches 1" if s["max"] >= 1 else f"{(1 / s['median'] - 1) * 100:.1f}% slower"
+
+
 def write(result: dict, out: Path, device: str) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"bench_overhead_{device}.json").write_text(json.dumps(result, indent=1))
-    ok = {k: result[f"{k}_ratio"] <= v for k, v in TARGETS.items()}
-    rows = [
-        "| | plain | anchored | ratio | target |",
-        "|---|---|---|---|---|",
-        f"| median step time (s) | {result['median_step_s']['plain']:.4f} | {result['median_step_s']['anchored']:.4f} "
-        f"| {result['time_ratio']:.3f} | ≤ {TARGETS['time']} {'✓' if ok['time'] else '✗'} |",
-        f"| peak memory (MiB) | {result['peak_memory_bytes']['plain'] / 2**20:.0f} | "
-        f"{result['peak_memory_bytes']['anchored'] / 2**20:.0f} | {result['memory_ratio']:.3f} | "
-        f"≤ {TARGETS['memory']} {'✓' if ok['memory'] else '✗'} |",
-    ]
+    from anchor.io import atomic_write_json, atomic_write_text
+
+    stem = out / f"bench_overhead_{device}"
+    atomic_write_json(stem.with_suffix(".json"), result)
+    mib = 2**20
+    rows = ["| method | extra forward | step (s) | time ratio: median (min–max) | peak memory (MiB) | "
+            "memory ratio: median (min–max) | first step (s) | set-up (s) | runs | verdict |",
+            "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in result["methods"]:
+        rows.append(f"| `{r['method']}` | {'adds a forward' if r['adds_forward'] else 'no'} | {r['step_s']:.3f} | "
+                    f"{fmt_spread(r['time_ratio'])} | {r['peak_bytes'] / mib:.0f} | {fmt_spread(r['memory_ratio'])} | "
+                    f"{r['first_step_s']:.2f} | {r['setup_s']:.1f} | {r['reps']} | {method_verdicts(r)} |")
+    p = result["probe"]
+    probe_rows = ["| probe step (s) | other steps (s) | cost of a probe step (s) | cost ÷ plain step | set-up with "
+                  "the step-0 probe baseline (s) |", "|---|---|---|---|---|",
+                  f"| {', '.join(f'{t:.2f}' for t in p['probe_step_s'])} | "
+                  f"{', '.join(f'{t:.2f}' for t in p['other_step_s'])} | {p['cost_s']:.2f} | "
+                  f"{p['cost_over_plain_step']:.2f} | {p['baseline_setup_s']:.1f} |"]
+    monitor_rows = ["| batch | tokens | tok/s without | tok/s with monitor | throughput ratio: median (min–max) | "
+                    "monitor (s per call) | note |", "|---|---|---|---|---|---|---|"]
+    monitor_rows += [f"| {m['batch_size']} | {m['tokens']} | {m['tok_s']['without']:.1f} | {m['tok_s']['with']:.1f} | "
+                     f"{fmt_spread(m['throughput_ratio'])} | {m['monitor_s']:.3f} | {monitor_note(m)} |"
+                     for m in result["monitor"]]
+    cheap = [r for r in result["methods"] if r["method"] != "plain" and not r["adds_forward"]]
+    noisy = [r["method"] for r in cheap if "noise-bound" in method_verdicts(r)]
+    missed = [r["method"] for r in cheap if "misses" in method_verdicts(r)]
+    notes = []
+    if noisy:
+        notes.append(f"**Noise-bound:** {', '.join(f'`{m}`' for m in noisy)}: the spread of the per-repetition ratios "
+                     "crosses the target, or the extra work measured as faster than none; this machine's noise is "
+                     "larger than the difference, so these rows neither meet nor miss the target.")
+    if missed:
+        notes.append(f"**Missed:** {', '.join(f'`{m}`' for m in missed)}: every repetition is above the target.")
     text = [
         f"# Anchor overhead ({device})", "",
+        f"`{result['command']}`, {result['seconds']} s. Uptime at start: `{result['uptime_at_start']}`; at end: "
+        f"`{result['uptime_at_end']}`.", "",
         f"SFTTrainer on `{result['model']}` ({result['dtype']}), batch {result['batch_size']} × {result['seq_len']} "
-        f"tokens, method `{result['method']}` at layers {result['layers']}; {result['reps']} interleaved runs per "
-        f"configuration, {result['steps']} steps each, first {result['warmup']} dropped. Device: {result['device']}, "
-        f"torch {result['torch']}. Per-repetition time ratios: "
-        f"{', '.join(f'{r:.3f}' for r in result['time_ratio_per_rep'])}. Memory: {result['peak_memory_kind']}.", "",
-        *rows, "",
-        f"Written by `scripts/bench_overhead.py` in {result['seconds']} s.",
+        f"tokens, device {result['device']}" + (f", torch threads {result['threads']}" if result["threads"] else "")
+        + f", torch {result['torch']}. Each training run is a fresh process; configurations interleaved, the order "
+        f"reversed every other repetition. {result['reps']} runs of {result['steps']} steps per configuration "
+        f"({result['forward_reps']} runs of {result['forward_steps']} steps for methods that add a forward), the first "
+        f"{result['warmup']} step(s) dropped. Ratios are per repetition against the same repetition's plain run; the "
+        f"table gives their median and min–max. Memory: {result['peak_memory_kind']}. Targets (methods without an "
+        f"extra forward): time ≤ {TARGETS['time']}, memory ≤ {TARGETS['memory']}. Every method uses its "
+        "`AnchorConfig` defaults; *first step* includes an on-policy method's first sampling (`replay`, `kl` sample "
+        "again every `replay_refresh_steps` = 10 steps), *set-up* the anchor's start (axis, frozen reference, "
+        "`lm_replay`'s pool of base answers).", "",
+        *rows, "", *[line for note in notes for line in (note, "")],
+        f"## A probe step (`floor`, `probe_every={p['probe_every']}`)", "",
+        f"{p['probe_mode']} probes, the shipped set (probes_per_domain={p['probes_per_domain']}), "
+        f"{p['probe_max_new_tokens']} tokens per answer, batch {p['probe_batch_size']}. The cost is the probe steps' "
+        "median minus the other steps' median; a run probing every N steps pays about cost ÷ N per step.", "",
+        *probe_rows, "",
+        "## The monitor at generation", "",
+        f"Greedy replies of up to {result['monitor_new_tokens']} tokens to coding and writing probes: "
+        "`generate_replies` against `replies_with_projections` (the same replies, then `monitor_many` reads them "
+        "teacher-forced at the report layer, stopping there). Tokens: the replies' generated tokens; "
+        f"{result['monitor_reps']} interleaved repetitions; ratio = tok/s with ÷ without, per repetition.", "",
+        *monitor_rows, "",
+        "Plot: `bench_overhead_" + device + ".png`.",
     ]
-    (out / f"bench_overhead_{device}.md").write_text("\n".join(text) + "\n")
-    print("\n".join(rows))
+    atomic_write_text(stem.with_suffix(".md"), "\n".join(text) + "\n")
+    plot(result, stem.with_suffix(".png"))
+    print("\n".join([*rows, "", *probe_rows, "", *monitor_rows]))
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    methods = [r for r in result["methods"] if r["method"] != "plain"]
+    cheap = [r for r in methods if not r["adds_forward"]]
+    heavy = [r for r in methods if r["adds_forward"]]
+    fig, axes = plt.subplots(1, 4, figsize=(16, 4.4), gridspec_kw={"width_ratios": [len(cheap) or 1, len(cheap) or 1,
+                                                                                   len(heavy) or 1, 2]})
+    plot_ratio_bars(axes[0], [r["method"] for r in cheap], [r["time_ratio"] for r in cheap], TARGETS["time"],
+                    "step time ÷ plain (no extra forward)")
+    plot_ratio_bars(axes[1], [r["method"] for r in cheap], [r["memory_ratio"] for r in cheap], TARGETS["memory"],
+                    "peak memory ÷ plain (no extra forward)")
+    if heavy:
+        plot_ratio_bars(axes[2], [f"{r['method']} (t)" for r in heavy] + [f"{r['method']} (m)" for r in heavy],
+                        [r["time_ratio"] for r in heavy] + [r["memory_ratio"] for r in heavy], None,
+                        "adds a forward: time (t), memory (m)", log=True)
+    plot_ratio_bars(axes[3], [f"batch {m['batch_size']}" for m in result["monitor"]],
+                    [m["throughput_ratio"] for m in result["monitor"]], None, "monitor: tok/s ratio")
+    fig.suptitle(f"anchor overhead, {result['device']}; whiskers: min–max over repetitions", fontsize="medium")
+    save_figure(fig, path)
+    plt.close(fig)
 
 
 if __name__ == "__main__":
