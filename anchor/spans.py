@@ -24,6 +24,18 @@ if TYPE_CHECKING:
 
 _ROLES = ("system", "user", "assistant")
 
+PLAIN_CHAT_TEMPLATE = (
+    "{% if bos_token %}{{ bos_token }}{% endif %}"
+    "{% for m in messages %}"
+    "{% if m['role'] == 'system' %}System: {% elif m['role'] == 'user' %}User: {% else %}Assistant: {% endif %}"
+    "{{ m['content'] }}\n\n"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}Assistant:{% endif %}"
+)
+"""A plain-text framing for a model with no chat template (a pre-trained base model): ``System: …``, ``User: …``
+and ``Assistant: …`` paragraphs after the BOS token. Set it with ``tokenizer.chat_template = PLAIN_CHAT_TEMPLATE``;
+everything that renders a conversation then works unchanged."""
+
 
 @dataclass(frozen=True)
 class ChatEncoding:
@@ -144,7 +156,8 @@ def _render(
     if not getattr(tokenizer, "chat_template", None):
         raise ValueError(
             f"{type(tokenizer).__name__} has no chat template: set tokenizer.chat_template to a Jinja "
-            "template or pass a tokenizer that ships one (an instruct/chat model's tokenizer)."
+            "template, to anchor.spans.PLAIN_CHAT_TEMPLATE for a base model, or pass a tokenizer that ships one "
+            "(an instruct/chat model's tokenizer)."
         )
     has_system = any(m["role"] == "system" for m in messages)
     if not (fold_system and has_system):
