@@ -66,6 +66,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from anchor.axis import AssistantAxis
@@ -674,9 +675,14 @@ def plot(report: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
-def write_outputs(report: dict[str, Any], stem: Path) -> None:
+def write_outputs(report: dict[str, Any], stem: Path, runs: list[dict[str, Any]] | None = None) -> None:
+    """JSON, markdown and plot; with ``runs``, also their per-answer differences (``<stem>.runs.safetensors``), so
+    a later invocation with the same configuration can resume from them (:func:`resumable_runs`)."""
     stem.parent.mkdir(parents=True, exist_ok=True)
     report["plot"] = stem.with_suffix(".png").name
+    if runs is not None:
+        tensors = {f"{r['arm']}/{r['seed']}/{k}": r[f"_{k}"].contiguous() for r in runs for k in ("d_proj", "d_behav")}
+        atomic_write(stem.with_suffix(".runs.safetensors"), lambda tmp: save_file(tensors, tmp))
     atomic_write_json(stem.with_suffix(".json"), nan_to_none(report))
     atomic_write_text(stem.with_suffix(".md"), markdown(report))
     plot(report, stem.with_suffix(".png"))
@@ -687,15 +693,42 @@ def write_outputs(report: dict[str, Any], stem: Path) -> None:
 # ---------------------------------------------------------------------------------------------------------------
 
 
+def resumable_runs(bench: Bench, stem: Path, meta: dict[str, Any]) -> list[dict[str, Any]]:
+    """The finished runs of an earlier invocation with the same configuration (arms and budget aside) and data,
+    for the arms asked for now: a benchmark cut short, or extended by more arms, never redoes a finished run."""
+    path, tensors_path = stem.with_suffix(".json"), stem.with_suffix(".runs.safetensors")
+    if not (path.is_file() and tensors_path.is_file()):
+        return []
+    earlier = json.loads(path.read_text())
+
+    def same(config: dict[str, Any]) -> dict[str, Any]:
+        return {k: v for k, v in config.items() if k not in ("arms", "budget_s")}
+
+    if same(earlier.get("config", {})) != same(meta["config"]) or earlier.get("data") != meta["data"]:
+        return []
+    tensors = load_file(str(tensors_path))
+    wanted = {a.name for a in bench.cfg.arms}
+    runs = [{**r, "_d_proj": tensors[f"{r['arm']}/{r['seed']}/d_proj"],
+             "_d_behav": tensors[f"{r['arm']}/{r['seed']}/d_behav"], "_sources": bench.sources}
+            for r in earlier.get("runs", []) if r["arm"] in wanted and r["seed"] < bench.cfg.seeds
+            and f"{r['arm']}/{r['seed']}/d_proj" in tensors]
+    return runs
+
+
 def run_bench(bench: Bench, stem: Path, meta: dict[str, Any], start: float,
               log: Callable[[str], None] = print) -> dict[str, Any]:
     """Train and measure every arm for every seed (seed-major), rewriting the results after each run."""
     cfg = bench.cfg
     plan = [(seed, arm) for seed in range(cfg.seeds) for arm in cfg.arms]
-    runs: list[dict[str, Any]] = []
+    runs = resumable_runs(bench, stem, meta)
+    done_before = {(r["seed"], r["arm"]) for r in runs}
+    if runs:
+        log(f"resuming: {len(runs)} finished runs read from {stem.with_suffix('.json')}")
     skipped: list[str] = []
     report: dict[str, Any] = {}
     for k, (seed, arm) in enumerate(plan):
+        if (seed, arm.name) in done_before:
+            continue
         elapsed = time.perf_counter() - start
         done = [r["train_s"] + r["measure_s"] for r in runs if r["arm"] == arm.name]
         estimate = max(done) if done else (max((r["train_s"] + r["measure_s"] for r in runs), default=0.0))
@@ -719,9 +752,9 @@ def run_bench(bench: Bench, stem: Path, meta: dict[str, Any], start: float,
             f"{sum(abs(v) for v in r['proj_drift_gaps']) / len(r['proj_drift_gaps']):.3f} gaps, task loss "
             f"{r['task_loss']:.3f}")
         report = build_report(bench, runs, skipped, {**meta, "elapsed_s": time.perf_counter() - start})
-        write_outputs(report, stem)
+        write_outputs(report, stem, runs)
     report = build_report(bench, runs, skipped, {**meta, "elapsed_s": time.perf_counter() - start})
-    write_outputs(report, stem)
+    write_outputs(report, stem, runs)
     return report
 
 
