@@ -143,6 +143,36 @@ def test_a_spent_budget_skips_runs_and_still_writes_results(tiny_tokenizer, tiny
     assert "Skipped for the time budget" in (tmp_path / "spent.md").read_text()
 
 
+def test_a_rerun_with_more_arms_resumes_the_finished_runs(tiny_tokenizer, tiny_axis, tiny_data, tmp_path):
+    """Finished runs are read back (with their per-answer differences), not redone; the pooled results equal an
+    uninterrupted run's."""
+    def run(methods, stem, log):
+        cfg = _config(tmp_path, methods)
+        bench = _bench(tiny_tokenizer, tiny_axis, tiny_data, cfg)
+        meta = {"device": "cpu", "model": "tiny", "config": cfg.to_json(), "data": {"roles": list(tiny_data.roles)}}
+        return bd.run_bench(bench, tmp_path / stem, meta, start=0.0, log=log)
+
+    first = run(["floor:1"], "resume", lambda _: None)
+    lines: list[str] = []
+    resumed = run(["floor:1", "match:1"], "resume", lines.append)
+    assert lines[0].startswith("resuming: 2 finished runs")
+    assert not any("floor:1 seed 0" in line or "unanchored seed 0" in line for line in lines)
+    whole = run(["floor:1", "match:1"], "whole", lambda _: None)
+    for name in ("unanchored", "floor:1"):
+        old = next(a for a in first["arms"] if a["arm"] == name)
+        for report in (resumed, whole):
+            new = next(a for a in report["arms"] if a["arm"] == name)
+            assert new["behaviour_drift"] == pytest.approx(old["behaviour_drift"], abs=1e-6)
+            assert new["proj_drift_gaps"] == pytest.approx(old["proj_drift_gaps"], abs=1e-6)
+    # Another configuration (here: more steps) is not resumed from.
+    lines.clear()
+    cfg = _config(tmp_path, ["floor:1"], steps=3)
+    bench = _bench(tiny_tokenizer, tiny_axis, tiny_data, cfg)
+    bd.run_bench(bench, tmp_path / "resume", {"config": cfg.to_json(), "data": {"roles": list(tiny_data.roles)}},
+                 start=0.0, log=lines.append)
+    assert not any(line.startswith("resuming") for line in lines)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("scenario", ["conditional", "narrow", "dpo"])
 def test_each_scenario_trains_what_it_says_and_writes_results(tiny_tokenizer, tiny_axis, tiny_data, tmp_path,
