@@ -15,8 +15,8 @@ same on every model. SmolLM2-135M-Instruct is the comparison, read from its full
 (``scripts/results/reference_axis``, no computation), restricted to the same 16 roles.
 
 Stages run one at a time (each loads its model; run them under ``flock /tmp/anchor-heavy.lock`` on a shared
-machine) and merge their numbers into ``scripts/results/bench_families.json``; ``report`` writes the markdown and
-the PNG from that JSON::
+machine) and merge their numbers into ``scripts/results/bench_families.json``; ``report`` (no model run) reads the
+saved axis bundles and SmolLM2's reference bundle again and writes the markdown and the PNG::
 
     python scripts/bench_families.py gemma
     python scripts/bench_families.py qwen-axis
@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import json
 import os
 import platform
@@ -92,6 +93,18 @@ def auc(high: Sequence[float], low: Sequence[float]) -> float:
     return sum(pairs) / len(pairs)
 
 
+def permutation_p(values: Sequence[float], high: Sequence[int]) -> float:
+    """Exact one-sided p-value of the AUC of the roles ``high`` over the rest: the share of all ways of choosing that
+    many roles whose AUC is at least as large (16 roles, 8 chosen: 12,870 labellings)."""
+    def group_auc(chosen: Sequence[int]) -> float:
+        rest = [v for i, v in enumerate(values) if i not in chosen]
+        return auc([values[i] for i in chosen], rest)
+
+    observed = group_auc(high)
+    labellings = [group_auc(c) >= observed - 1e-12 for c in itertools.combinations(range(len(values)), len(high))]
+    return sum(labellings) / len(labellings)
+
+
 def group_test(axis: AssistantAxis) -> dict:
     """Helpful archetypes vs spiritual roles, on the axis and on PC1 (oriented so the default is positive), at every
     layer; at the report layer also each group's mean position in default-to-role gaps (0 = the default)."""
@@ -107,9 +120,13 @@ def group_test(axis: AssistantAxis) -> dict:
     layer = axis.report_layer
     proj = axis.role_projections(layer)
     position = (proj - axis.default_projection(layer)) / axis.gap(layer)
+    groups = [names.index(r) for r in ROLES]
+    chosen = list(range(len(HELPFUL)))
     return {
         "auc_axis_by_layer": on_axis, "auc_pc1_by_layer": on_pc1,
         "auc_axis": on_axis[layer], "auc_pc1": on_pc1[layer],
+        "p_axis": round(permutation_p(proj[groups].tolist(), chosen), 4),
+        "p_pc1": round(permutation_p(axis.pca.role_coords[groups, layer, 0].tolist(), chosen), 4),
         "helpful_position": round(float(position[helpful].mean()), 4),
         "spiritual_position": round(float(position[spiritual].mean()), 4),
     }
@@ -292,9 +309,18 @@ def stage_smollm2() -> dict:
     return {"smollm2": numbers}
 
 
+def refresh_numbers(results: dict) -> dict:
+    """The axis numbers again from the saved bundles (no model run), so a change to the analysis needs no rerun."""
+    results.update(stage_smollm2())
+    for key, name in (("gemma", GEMMA), ("qwen_axis", QWEN)):
+        bundle = WORK / name / "axis"
+        if key in results and (bundle / "axis_config.json").is_file():
+            results[key].update(axis_numbers(AssistantAxis.from_pretrained(bundle)))
+    return results
+
+
 STAGES: dict[str, Callable[[], dict]] = {
     "gemma": stage_gemma, "qwen-axis": stage_qwen_axis, "qwen-train": stage_qwen_train, "qwen-cap": stage_qwen_cap,
-    "smollm2": stage_smollm2,
 }
 
 
@@ -327,12 +353,15 @@ def markdown(results: dict) -> str:
               "AUC: the share of (helpful, spiritual) role pairs in which the helpful role sits higher (1 = all, 0.5 "
               "= no preference). Positions: each group's mean projection at the report layer, in default-to-role "
               "gaps from the default (0 = the default).", "",
-              "| model | AUC on the axis | AUC on PC1 | layers with axis AUC > 0.5 | helpful position | spiritual "
-              "position |", "|---|---|---|---|---|---|"]
+              "p: the exact one-sided permutation p-value of that AUC at the report layer (all 12,870 ways of "
+              "labelling 8 of the 16 roles helpful).", "",
+              "| model | AUC on the axis (p) | AUC on PC1 (p) | layers with axis AUC > 0.5 | helpful position | "
+              "spiritual position |", "|---|---|---|---|---|---|"]
     for _, s in fams:
         g = s["groups"]
         above = sum(a > 0.5 for a in g["auc_axis_by_layer"])
-        lines.append(f"| {s['model']} | {g['auc_axis']:.2f} | {g['auc_pc1']:.2f} | {above} of {s['n_layers']} | "
+        lines.append(f"| {s['model']} | {g['auc_axis']:.2f} ({g['p_axis']:.4f}) | {g['auc_pc1']:.2f} "
+                     f"({g['p_pc1']:.4f}) | {above} of {s['n_layers']} | "
                      f"{g['helpful_position']:.2f} | {g['spiritual_position']:.2f} |")
     lines += ["", "## cos(axis, PC1) by layer", ""]
     for _, s in fams:
@@ -409,11 +438,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("stage", choices=[*STAGES, "report"])
     args = parser.parse_args(argv)
     results = json.loads(JSON_PATH.read_text()) if JSON_PATH.is_file() else {}
-    if args.stage != "report":
+    if args.stage == "report":
+        refresh_numbers(results)
+    else:
         key = args.stage.replace("-", "_")
         results.setdefault("machine", {})[key] = machine()
         results.update(STAGES[args.stage]())
-        atomic_write_json(JSON_PATH, results)
+    atomic_write_json(JSON_PATH, results)
     write_report(results)
     print(f"wrote {JSON_PATH}, {RESULTS / 'bench_families.md'}, {RESULTS / 'bench_families.png'}")
     return 0
