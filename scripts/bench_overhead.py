@@ -11,7 +11,9 @@ One run measures three things on the embedded SmolLM2-135M:
   included), the first ``--warmup`` steps dropped; the ratio of a repetition is the method's median step over the
   same repetition's plain median step, and the table gives the median over repetitions with their min–max.
   Methods that add a forward (a reference pass or a replayed batch: their classes override ``before_forward`` or
-  ``step_loss``) are labelled so; the targets (≤ 1.02 time, ≤ 1.01 memory) are for the others.
+  ``step_loss``) are labelled so; the targets (≤ 1.02 time, ≤ 1.01 memory) are for the others. Methods that replay
+  a batch cost several plain steps each, so they get fewer and shorter runs (``--replay-reps``,
+  ``--replay-steps``): their ratio is far from 1 and the budget goes to the rows with a target.
 * **A probe step.** ``floor`` with ``probe_every``: the probe steps' median minus the other steps' median, in
   seconds and over the plain step (shipped probes, ``AnchorConfig``'s probe defaults).
 * **The monitor at generation.** ``anchor.chat.generate_replies`` against ``replies_with_projections`` (the same
@@ -53,16 +55,16 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads, set in every process (CPU only)")
     p.add_argument("--batch-size", type=int, default=None, help="per-device batch (default 2 on CPU, 8 on GPU)")
     p.add_argument("--seq-len", type=int, default=None, help="tokens per example (default 64 on CPU, 512 on GPU)")
-    p.add_argument("--steps", type=int, default=None, help="optimizer steps per run (default 6 on CPU, 20 on GPU)")
+    p.add_argument("--steps", type=int, default=None, help="optimizer steps per run (default 4 on CPU, 20 on GPU)")
     p.add_argument("--warmup", type=int, default=None, help="steps dropped at the start of every run (1 / 5)")
     p.add_argument("--reps", type=int, default=3, help="runs per configuration, interleaved")
-    p.add_argument("--forward-reps", type=int, default=2, help="runs of each method that adds a forward")
-    p.add_argument("--forward-steps", type=int, default=None,
-                   help="steps per run of a method that adds a forward (default: --steps on GPU, 3 on CPU)")
+    p.add_argument("--replay-reps", type=int, default=2, help="runs of each method that replays a batch")
+    p.add_argument("--replay-steps", type=int, default=None,
+                   help="steps per run of a method that replays a batch (default: --steps on GPU, 2 on CPU)")
     p.add_argument("--methods", nargs="+", default=None, help="registered methods to time (default: all)")
     p.add_argument("--probe-every", type=int, default=2, help="probe_every of the probe-step run")
-    p.add_argument("--probe-steps", type=int, default=5, help="steps of the probe-step run")
-    p.add_argument("--monitor-reps", type=int, default=4)
+    p.add_argument("--probe-steps", type=int, default=4, help="steps of the probe-step run")
+    p.add_argument("--monitor-reps", type=int, default=3)
     p.add_argument("--monitor-new-tokens", type=int, default=32)
     p.add_argument("--monitor-batch-sizes", type=int, nargs="+", default=[1, 8])
     p.add_argument("--axis", default=None, help="axis bundle (default: a prompt-mode axis computed once and cached)")
@@ -72,16 +74,16 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     args.dtype = args.dtype or ("bf16" if gpu else "fp32")
     args.batch_size = args.batch_size or (8 if gpu else 2)
     args.seq_len = args.seq_len or (512 if gpu else 64)
-    args.steps = args.steps or (20 if gpu else 6)
+    args.steps = args.steps or (20 if gpu else 4)
     args.warmup = args.warmup if args.warmup is not None else (5 if gpu else 1)
-    args.forward_steps = args.forward_steps or (args.steps if gpu else 3)
-    for name in ("steps", "forward_steps", "probe_steps"):
+    args.replay_steps = args.replay_steps or (args.steps if gpu else 2)
+    for name in ("steps", "replay_steps", "probe_steps"):
         if getattr(args, name) <= args.warmup:
             raise SystemExit(f"--{name.replace('_', '-')}={getattr(args, name)} leaves no step after the "
                              f"--warmup={args.warmup} dropped ones; raise it.")
-    if args.probe_steps < args.warmup + 2 * args.probe_every:
-        raise SystemExit(f"--probe-steps={args.probe_steps} must cover two probe steps after the warm-up: use at least "
-                         f"{args.warmup + 2 * args.probe_every}.")
+    if args.probe_steps < args.warmup + args.probe_every + 1:
+        raise SystemExit(f"--probe-steps={args.probe_steps} must cover a probe step and another step after the "
+                         f"warm-up: use at least {args.warmup + args.probe_every + 1}.")
     return args
 
 
@@ -147,13 +149,17 @@ def save_figure(fig: object, path: Path) -> None:
 
 # -- training runs (each in a fresh process) ---------------------------------------------------------------------
 
-def adds_forward(name: str) -> bool:
-    """Whether a method runs a forward of its own: a reference pass before each step's forward or a term from a
-    replayed batch (its class overrides ``before_forward`` or ``step_loss``)."""
+EXTRA_FORWARDS = {"before_forward": "a reference pass", "step_loss": "a replayed batch"}
+
+
+def extra_forward(name: str) -> str | None:
+    """The forward a method runs besides the policy's own, from the hooks its class overrides: a reference pass over
+    each micro-batch (``before_forward``), a replayed batch once per step (``step_loss``); None if neither."""
     from anchor.methods import AnchorMethod, get_method
 
     cls = get_method(name)
-    return any(getattr(cls, hook) is not getattr(AnchorMethod, hook) for hook in ("before_forward", "step_loss"))
+    kinds = [what for hook, what in EXTRA_FORWARDS.items() if getattr(cls, hook) is not getattr(AnchorMethod, hook)]
+    return " and ".join(kinds) or None
 
 
 def bench_axis(model_name: str, dtype: str, given: str | None = None) -> str:
@@ -249,15 +255,16 @@ def steady(run: dict, warmup: int) -> float:
 
 def method_overhead(args: argparse.Namespace, pool: Callable, axis_path: str, methods: list[str]) -> dict:
     """Every configuration in a fresh process, interleaved over repetitions; per-repetition ratios to plain."""
-    order = ["plain", *sorted(methods, key=lambda m: (adds_forward(m), m))]
+    extra = {name: extra_forward(name) for name in methods}
+    replays = {name for name, what in extra.items() if what and "replayed batch" in what}
+    order = ["plain", *sorted(methods, key=lambda m: (m in replays, extra[m] is not None, m))]
     runs: list[dict] = []
     for rep in range(args.reps):
         for name in (order if rep % 2 == 0 else order[::-1]):
-            heavy = name != "plain" and adds_forward(name)
-            if heavy and rep >= args.forward_reps:
+            if name in replays and rep >= args.replay_reps:
                 continue
             run = pool(train_run, args, axis_path, None if name == "plain" else name,
-                       args.forward_steps if heavy else args.steps)
+                       args.replay_steps if name in replays else args.steps)
             runs.append({"rep": rep, **run})
             print(f"rep {rep} {name:12s} step {steady(run, args.warmup):.3f} s, set-up {run['setup_s']:.1f} s, "
                   f"peak {run['peak_bytes'] / 2**20:.0f} MiB  [{uptime()}]", flush=True)
@@ -267,7 +274,8 @@ def method_overhead(args: argparse.Namespace, pool: Callable, axis_path: str, me
         mine = [r for r in runs if r["method"] == name]
         pairs = [(r, plain[r["rep"]]) for r in mine]
         rows.append({
-            "method": name, "adds_forward": name != "plain" and adds_forward(name), "reps": len(mine),
+            "method": name, "extra_forward": extra.get(name), "adds_forward": extra.get(name) is not None,
+            "reps": len(mine),
             "step_s": statistics.median(steady(r, args.warmup) for r in mine),
             "first_step_s": statistics.median(r["step_times"][0] for r in mine),
             "setup_s": statistics.median(r["setup_s"] for r in mine),
@@ -376,8 +384,8 @@ def main(argv: list[str] | None = None) -> int:
         "device": torch.cuda.get_device_name() if gpu else f"cpu ({platform.processor() or platform.machine()})",
         "threads": None if gpu else threads, "torch": torch.__version__, "model": args.model, "dtype": args.dtype,
         "batch_size": args.batch_size, "seq_len": args.seq_len, "steps": args.steps,
-        "forward_steps": args.forward_steps, "warmup": args.warmup, "reps": args.reps,
-        "forward_reps": args.forward_reps, "axis": axis_path,
+        "replay_steps": args.replay_steps, "warmup": args.warmup, "reps": args.reps,
+        "replay_reps": args.replay_reps, "axis": axis_path,
         "peak_memory_kind": "torch.cuda.max_memory_allocated" if gpu else "peak RSS of a fresh process (ru_maxrss)",
         "targets": TARGETS, "methods": overhead["rows"], "probe": probe, "monitor": monitor,
         "monitor_new_tokens": args.monitor_new_tokens, "monitor_reps": args.monitor_reps,
@@ -391,7 +399,7 @@ def method_verdicts(row: dict) -> str:
     if row["method"] == "plain":
         return "reference"
     if row["adds_forward"]:
-        return "adds a forward: no target"
+        return f"adds {row['extra_forward']}: no target"
     return "; ".join(f"{kind} {verdict(row[f'{kind}_ratio'], TARGETS[kind], 'max')}" for kind in TARGETS)
 
 
@@ -413,7 +421,7 @@ def write(result: dict, out: Path, device: str) -> None:
             "memory ratio: median (min–max) | first step (s) | set-up (s) | runs | verdict |",
             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["methods"]:
-        rows.append(f"| `{r['method']}` | {'adds a forward' if r['adds_forward'] else 'no'} | {r['step_s']:.3f} | "
+        rows.append(f"| `{r['method']}` | {r['extra_forward'] or 'no'} | {r['step_s']:.3f} | "
                     f"{fmt_spread(r['time_ratio'])} | {r['peak_bytes'] / mib:.0f} | {fmt_spread(r['memory_ratio'])} | "
                     f"{r['first_step_s']:.2f} | {r['setup_s']:.1f} | {r['reps']} | {method_verdicts(r)} |")
     p = result["probe"]
@@ -445,7 +453,7 @@ def write(result: dict, out: Path, device: str) -> None:
         f"tokens, device {result['device']}" + (f", torch threads {result['threads']}" if result["threads"] else "")
         + f", torch {result['torch']}. Each training run is a fresh process; configurations interleaved, the order "
         f"reversed every other repetition. {result['reps']} runs of {result['steps']} steps per configuration "
-        f"({result['forward_reps']} runs of {result['forward_steps']} steps for methods that add a forward), the first "
+        f"({result['replay_reps']} runs of {result['replay_steps']} steps for methods that replay a batch), the first "
         f"{result['warmup']} step(s) dropped. Ratios are per repetition against the same repetition's plain run; the "
         f"table gives their median and min–max. Memory: {result['peak_memory_kind']}. Targets (methods without an "
         f"extra forward): time ≤ {TARGETS['time']}, memory ≤ {TARGETS['memory']}. Every method uses its "
