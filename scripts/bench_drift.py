@@ -90,6 +90,8 @@ TARGET_TASK = 0.05  # ... with task loss at most 5% above unanchored
 # Arms: name -> (the AnchorConfig fields of the arm at strength s, for a bench b). Axis-free arms are controls.
 ARMS: dict[str, Callable[[float, Bench], dict[str, Any]]] = {
     "prev+lm": lambda s, b: dict(method=["preventative", "lm_replay"], method_weights=[1.0, s], **b.steering, **b.lm),
+    "prev+lm-b1": lambda s, b: dict(method=["preventative", "lm_replay"], method_weights=[1.0, s], **b.steering,
+                                    **{**b.lm, "replay_batch_size": 1}),  # one replayed answer per step: cheaper
     "preventative": lambda s, b: dict(method=["preventative"], **{**b.steering, "steer_coefficient": s}),
     "prev+kl": lambda s, b: dict(method=["preventative", "kl"], method_weights=[1.0, s], **b.steering, **b.replay),
     "lm-replay": lambda s, b: dict(method=["lm_replay"], weight=s, **b.lm),
@@ -113,7 +115,8 @@ whether a prompt that merely *explains* the role-play lets the model file the be
 prompting, arXiv 2510.04340). Its drift is also read with this prompt given at test time (the trigger leak)."""
 # The strengths tried when none is given, ordered by promise so a time budget cuts the expected failures first.
 DEFAULT_GRID: dict[str, tuple[float, ...]] = {
-    "prev+lm": (1.0,), "preventative": (0.005, 0.01, 0.02), "prev+kl": (1.0,), "lm-replay": (0.3, 1.0, 3.0),
+    "prev+lm": (1.0,), "prev+lm-b1": (1.0,), "preventative": (0.005, 0.01, 0.02), "prev+kl": (1.0,),
+    "lm-replay": (0.3, 1.0, 3.0),
     "kl": (0.3, 1.0, 3.0), "incremental": (0.25, 0.5, 1.0), "ablate": (0.5, 0.75, 1.0), "abl+kl": (1.0,),
     "inoculate": (1.0,), "replay": (1.0, 10.0), "match": (1.0, 10.0), "floor": (1.0, 10.0),
 }
@@ -498,8 +501,9 @@ def verdict(arms: list[dict[str, Any]]) -> dict[str, Any]:
     scored = [a for a in arms if a["method"] != "unanchored" and "vs_unanchored" in a]
 
     def badness(a: dict[str, Any]) -> float:
-        c = a["vs_unanchored"]
-        return max(abs(c["behaviour_pct"]), c["proj_worst_pct"])
+        # Ranked on behaviour, the claim. The worst-layer ratio stays in the table and the target, but it ranks
+        # badly: where unanchored hardly moved a layer (often the last), a few hundredths of a gap read as 300%.
+        return abs(a["vs_unanchored"]["behaviour_pct"])
 
     within_task = [a for a in scored if a["vs_unanchored"]["task_loss_change_pct"] <= 100 * TARGET_TASK]
     axis_arms = [a for a in within_task if a["method"] not in AXIS_FREE]
