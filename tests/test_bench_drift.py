@@ -107,11 +107,8 @@ def test_a_short_run_of_every_kind_of_arm_writes_complete_results(tiny_tokenizer
     # steering composed with projection replay and with LM replay
     cfg = _config(tmp_path, methods)
     bench = _bench(tiny_tokenizer, tiny_axis, tiny_data, cfg)
-    meta = {"device": "cpu", "model": "tiny", "config": cfg.to_json(),
-            "data": {"roles": list(tiny_data.roles), "n_train": len(tiny_data.sft_train),
-                     "n_task": len(tiny_data.sft_heldout), "n_heldout_questions": len(tiny_data.drift_questions),
-                     "n_probes": 4, "n_measure": len(bench.prompts)}}
-    report = bd.run_bench(bench, tmp_path / "bench_drift_tiny", meta, start=0.0, log=lambda _: None)
+    report = bd.run_bench(bench, tmp_path / "bench_drift_tiny", _meta(cfg, bench, tiny_data), start=0.0,
+                          log=lambda _: None)
 
     saved = json.loads((tmp_path / "bench_drift_tiny.json").read_text())
     assert [a["arm"] for a in saved["arms"]] == ["unanchored", *methods]
@@ -143,14 +140,19 @@ def test_a_spent_budget_skips_runs_and_still_writes_results(tiny_tokenizer, tiny
     assert "Skipped for the time budget" in (tmp_path / "spent.md").read_text()
 
 
+def _meta(cfg, bench, data) -> dict:
+    return {"device": "cpu", "model": "tiny", "config": cfg.to_json(),
+            "data": {"roles": list(data.roles), "n_train": len(data.sft_train), "n_task": len(data.sft_heldout),
+                     "n_heldout_questions": len(data.drift_questions), "n_probes": 4, "n_measure": len(bench.prompts)}}
+
+
 def test_a_rerun_with_more_arms_resumes_the_finished_runs(tiny_tokenizer, tiny_axis, tiny_data, tmp_path):
     """Finished runs are read back (with their per-answer differences), not redone; the pooled results equal an
     uninterrupted run's."""
     def run(methods, stem, log):
         cfg = _config(tmp_path, methods)
         bench = _bench(tiny_tokenizer, tiny_axis, tiny_data, cfg)
-        meta = {"device": "cpu", "model": "tiny", "config": cfg.to_json(), "data": {"roles": list(tiny_data.roles)}}
-        return bd.run_bench(bench, tmp_path / stem, meta, start=0.0, log=log)
+        return bd.run_bench(bench, tmp_path / stem, _meta(cfg, bench, tiny_data), start=0.0, log=log)
 
     first = run(["floor:1"], "resume", lambda _: None)
     lines: list[str] = []
@@ -168,8 +170,7 @@ def test_a_rerun_with_more_arms_resumes_the_finished_runs(tiny_tokenizer, tiny_a
     lines.clear()
     cfg = _config(tmp_path, ["floor:1"], steps=3)
     bench = _bench(tiny_tokenizer, tiny_axis, tiny_data, cfg)
-    bd.run_bench(bench, tmp_path / "resume", {"config": cfg.to_json(), "data": {"roles": list(tiny_data.roles)}},
-                 start=0.0, log=lines.append)
+    bd.run_bench(bench, tmp_path / "resume", _meta(cfg, bench, tiny_data), start=0.0, log=lines.append)
     assert not any(line.startswith("resuming") for line in lines)
 
 
@@ -187,11 +188,8 @@ def test_each_scenario_trains_what_it_says_and_writes_results(tiny_tokenizer, ti
         kinds = {q.text: q.kind for q in bd.load_question_records()}
         measured = [t for t, src in zip(bench.texts, bench.sources, strict=True) if src == "other_kind"]
         assert len(measured) == 6 and all(kinds[t] != "factual" for t in measured)
-    meta = {"device": "cpu", "model": "tiny", "config": cfg.to_json(),
-            "data": {"roles": list(tiny_data.roles), "n_train": len(tiny_data.sft_train),
-                     "n_task": len(tiny_data.sft_heldout), "n_heldout_questions": len(tiny_data.drift_questions),
-                     "n_probes": 4, "n_measure": len(bench.prompts)}}
-    report = bd.run_bench(bench, tmp_path / f"bench_{scenario}", meta, start=0.0, log=lambda _: None)
+    report = bd.run_bench(bench, tmp_path / f"bench_{scenario}", _meta(cfg, bench, tiny_data), start=0.0,
+                          log=lambda _: None)
     assert [a["arm"] for a in report["arms"]] == ["unanchored", *(a if ":" in a else f"{a}:1" for a in arms)]
     assert all(math.isfinite(a["behaviour_drift"]) for a in report["arms"])
     assert math.isfinite(report["arms"][1]["vs_unanchored"]["train_time_ratio"])
