@@ -154,7 +154,9 @@ class AnchorCallback(TrainerCallback, ExportableState):
                                        fingerprint=self.axis.metadata.get("fingerprint"))
         run = RunContext(model=unwrap(model), tokenizer=tokenizer, seed=args.seed, process_index=args.process_index,
                          progress=args.process_index == 0, resumed=saved is not None)
-        self.anchor = Anchor(model, self.axis, cfg, layers, self._weight_at(state.global_step), reference=reference,
+        given = saved.config.get("layers") if saved else cfg.layers  # None: the default band, chosen again
+        self.anchor = Anchor(model, self.axis, cfg, layers if given is not None else None,
+                             self._weight_at(state.global_step), reference=reference,
                              grad_accumulation=args.gradient_accumulation_steps, grad_scale=_grad_scale(optimizer),
                              run=run)
         if any(m.needs_template for m in self.anchor.methods):
@@ -198,8 +200,11 @@ class AnchorCallback(TrainerCallback, ExportableState):
         why = (f"chosen from the bundle: the {len(layers)} contiguous layers between the middle and 85% of the depth "
                f"with the highest mean |cosine(axis, PC1)|, {float(cos[layers].mean()):.2f}" if chosen else "as given")
         tau = ", ".join(f"{i}: {t:.2f}" for i, t in sorted(self.anchor.tau.items()))
-        logger.info("anchor: method=%s at layers %s (%s); weights %s; floor tau (p%g) {%s}",
-                    "+".join(self.config.method), layers, why, self.config.weights(), self.config.floor_percentile, tau)
+        own = "".join(f"; {name} at its own layers {list(own_layers)}"
+                      for name, own_layers in self.anchor.method_layers.items() if list(own_layers) != list(layers))
+        logger.info("anchor: method=%s at layers %s (%s)%s; weights %s; floor tau (p%g) {%s}",
+                    "+".join(self.config.method), layers, why, own, self.config.weights(), self.config.floor_percentile,
+                    tau)
 
     def _load_axis(self, model: nn.Module, tokenizer: Any, args: Any) -> AssistantAxis:
         """``config.axis``, or the model's axis computed on every rank in lockstep; rank 0's result wins and is cached.

@@ -39,10 +39,11 @@ class AnchorConfig:
     layers: list[int] | None = field(default=None, metadata={
         "help": "Decoder layers to anchor (0-based). None: a band in the upper middle of the network where "
                 "cosine(axis, PC1) is highest (anchor.engine.default_layers)."})
-    method: list[str] = field(default_factory=lambda: ["floor"], metadata={
-        "help": "One or more registered methods, composed: floor, match, replay, preventative, lm_replay, kl (see "
-                "anchor.methods.available_methods()). YAML `method: [preventative, lm_replay]`, CLI "
-                "`--method preventative lm_replay`."})
+    method: list[str] = field(default_factory=lambda: ["preventative", "lm_replay"], metadata={
+        "help": "One or more registered methods, composed: floor, match, replay, preventative, lm_replay, kl, "
+                "incremental, ablate (see anchor.methods.available_methods()). YAML `method: [preventative, "
+                "lm_replay]`, CLI `--method preventative lm_replay`. The default pair kept the most persona at no "
+                "task cost in the drift benchmark's conditional scenario (docs/drift-benchmark.md)."})
     method_weights: list[float] | None = field(default=None, metadata={
         "help": "Per-method weight, one per entry of `method` (None: 1 each). Each method's term is scaled by "
                 "weight x its method weight."})

@@ -115,6 +115,8 @@ class Anchor:
         self.axis = axis
         self.run = run or RunContext(model=self.base, tokenizer=None)
         self.layers = check_layers(layers if layers is not None else config.layers or default_layers(axis), n_layers)
+        self.layers_given = layers is not None or config.layers is not None  # False: the default band, which a
+        # method may replace by its own (AnchorMethod.layers)
         self.weight = float(config.weight)
         self.tau = {i: axis.tau(i, config.floor_percentile) for i in self.layers}
         self.gap = {i: axis.gap(i) for i in range(axis.n_layers)}

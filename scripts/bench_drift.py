@@ -77,6 +77,7 @@ from anchor.data import PersonaData, build_persona_data
 from anchor.engine import default_layers
 from anchor.io import atomic_write, atomic_write_json, atomic_write_text, nan_to_none
 from anchor.loss import IGNORE_INDEX
+from anchor.methods.preventative import middle_third
 from anchor.models import decoder_layers, fingerprint, load_model, unwrap
 from anchor.personas import load_probes, load_question_records
 from anchor.probes import answer_nll, answer_projections, generate_answers, pack_answers, role_likeness
@@ -201,11 +202,6 @@ class BenchConfig:
         return {**out, "arms": [a.name for a in self.arms]}
 
 
-def steer_band(n_layers: int) -> list[int]:
-    """The middle third of the network (10-20 of SmolLM2's 30 layers), where preventative steering acts."""
-    return list(range(n_layers // 3, 2 * n_layers // 3 + 1))
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # Data and the base model's measurements, built once per process
 # ---------------------------------------------------------------------------------------------------------------
@@ -315,7 +311,7 @@ class Bench:
                                                                        {"role": "assistant", "content": a}]}) + "\n"
                                              for q, a in pool.items()))
         # The configuration blocks the arms are built from (ARMS).
-        self.steering = {"layers": cfg.steer_layers or steer_band(self.n_layers), "steer_coefficient": cfg.prev_k}
+        self.steering = {"layers": cfg.steer_layers or middle_third(self.n_layers), "steer_coefficient": cfg.prev_k}
         self.lm = {"lm_replay_data": str(pool_file), "replay_batch_size": cfg.replay_batch_size}
         self.replay = {"replay_questions": self.pool_questions, "replay_batch_size": cfg.replay_batch_size,
                        "replay_refresh_steps": cfg.replay_refresh_steps,

@@ -522,16 +522,17 @@ def test_the_docs_example_runs(tmp_path):
 
 
 def test_anchor_data_without_axis_says_what_it_computes_first(saved, tiny_axis, tmp_path, monkeypatch, capsys):
-    import anchor.axis
+    import anchor.data
 
     monkeypatch.setenv("ANCHOR_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(anchor.axis, "cached_axis", lambda *args, **kwargs: tiny_axis)
+    monkeypatch.setattr(anchor.data, "role_search_axis", lambda *args, **kwargs: tiny_axis)
     out = tmp_path / "data"
     code = main(["data", "--model", str(saved["model"]), "--out", str(out), "--roles", "1", "--questions", "2",
                  "--max-new-tokens", "2", "--quiet"])
     captured = capsys.readouterr()
     text = captured.out
-    assert "No --axis: first computing this model's Assistant Axis" in text and "answers of up to" in text
+    assert "No --axis: first ranking every shipped role along this model's Assistant Axis" in text
+    assert "prompt reads, no generation" in text
     assert "--axis DIR or --role-names skip this" in text and "Building persona data: 1 roles × 2 questions" in text
     assert code == 0 and (out / "data_config.json").is_file(), captured.err
 

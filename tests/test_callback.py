@@ -258,8 +258,8 @@ def test_anchor_state_is_written_inside_the_trainers_save_before_its_state(tiny_
 
 def test_resume_refuses_to_start_lm_replay_midway(tiny_tokenizer, tiny_axis, tmp_path):
     common = dict(max_steps=2, save_strategy="steps", save_steps=2)
-    _sft(tiny_tokenizer, tmp_path / "a", [AnchorCallback(AnchorConfig(layers=LAYERS), axis=tiny_axis)],
-         **common).train()
+    _sft(tiny_tokenizer, tmp_path / "a", [AnchorCallback(AnchorConfig(layers=LAYERS, method=["floor"]),
+                                                         axis=tiny_axis)], **common).train()
     config = AnchorConfig(layers=LAYERS, method=["floor", "lm_replay"])
     resumed = _sft(tiny_tokenizer, tmp_path / "b", [AnchorCallback(config, axis=tiny_axis)], max_steps=4)
     refusal = r"trained with AnchorConfig.method=\['floor'\], this run has \['floor', 'lm_replay'\]"
@@ -315,8 +315,8 @@ def test_metrics_reach_wandb_and_tensorboard(tiny_tokenizer, tiny_axis, tmp_path
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_DIR", str(tmp_path))
     monkeypatch.setenv("TENSORBOARD_LOGGING_DIR", str(tmp_path / "tb"))
-    callback = AnchorCallback(AnchorConfig(layers=LAYERS, weight=1.0, probe_every=2, probe_max_new_tokens=6,
-                                           probe_file=probe_file), axis=tiny_axis)
+    callback = AnchorCallback(AnchorConfig(layers=LAYERS, method=["floor"], weight=1.0, probe_every=2,
+                                           probe_max_new_tokens=6, probe_file=probe_file), axis=tiny_axis)
     trainer = _sft(tiny_tokenizer, tmp_path, [callback], max_steps=4, report_to=["wandb", "tensorboard"])
     trainer.train()
     wandb.finish()
@@ -523,13 +523,16 @@ def test_sampling_probes_leave_training_randomness_and_mode_alone(tiny_tokenizer
 
 def test_default_layers_are_announced_with_the_reason(tiny_tokenizer, tiny_axis, tmp_path, caplog):
     from anchor.engine import default_layers
+    from anchor.methods.preventative import middle_third
 
     trainer = _sft(tiny_tokenizer, tmp_path, [AnchorCallback(AnchorConfig(probe_every=0), axis=tiny_axis)],
                    max_steps=1)
     with caplog.at_level(logging.INFO, logger="anchor.callback"):
         trainer.train()
-    line = next(r.getMessage() for r in caplog.records if "method=floor at layers" in r.getMessage())
+    line = next(r.getMessage() for r in caplog.records if "method=preventative+lm_replay at layers" in r.getMessage())
     assert str(default_layers(tiny_axis)) in line and "highest mean |cosine(axis, PC1)|" in line
+    # preventative steers the middle third of the network when no layers are given, and says so
+    assert f"preventative at its own layers {middle_third(tiny_axis.n_layers)}" in line
 
 
 @pytest.mark.parametrize("method", ["floor", "match"])

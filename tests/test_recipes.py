@@ -176,7 +176,8 @@ def tiny_env(tmp_path_factory, tiny_tokenizer):
 
 def _tiny_overrides(root: Path, model_dir: Path, out: Path, steps: int = 2) -> list[str]:
     return ["--model_name_or_path", str(model_dir), "--dtype", "float32", "--dataset", str(root / "data"),
-            "--persona_roles", "2", "--persona_questions", "6", "--persona_heldout_fraction", "0.34",
+            "--persona_roles", "2", "--persona_role_names", "vampire_lord", "dark_lord", "--persona_questions", "6",
+            "--persona_heldout_fraction", "0.34",
             "--persona_max_new_tokens", "4", "--eval_max_new_tokens", "4", "--output_dir", str(out),
             "--max_steps", str(steps), "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "1",
             "--max_length", "96", "--logging_steps", "1", "--save_strategy", "no", "--report_to", "none",

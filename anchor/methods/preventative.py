@@ -10,6 +10,7 @@ reference and replay forwards.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import torch
@@ -21,6 +22,11 @@ if TYPE_CHECKING:
     from anchor.engine import Anchor
 
 
+def middle_third(n_layers: int) -> list[int]:
+    """The middle third of a network of ``n_layers`` decoder layers, both ends included (10-20 of 30)."""
+    return list(range(n_layers // 3, 2 * n_layers // 3 + 1))
+
+
 @register_method
 class Preventative(AnchorMethod):
     name = "preventative"
@@ -30,9 +36,14 @@ class Preventative(AnchorMethod):
         super().__init__(*args, **kwargs)
         self._steer: Steer | None = None
 
+    def layers(self, engine: Anchor) -> Sequence[int]:
+        """The given ``layers``; by default the middle third of the network, where the drift benchmark measured
+        it (SmolLM2's layers 10-20), not the narrow reading band the other methods default to."""
+        return engine.layers if engine.layers_given else middle_third(engine.axis.n_layers)
+
     def edit(self, engine: Anchor, layer: int, hidden: torch.Tensor) -> torch.Tensor | None:
         if not self.config.steer_coefficient:
             return None
         if self._steer is None:
-            self._steer = Steer(None, engine.axis, -self.config.steer_coefficient, engine.layers)
+            self._steer = Steer(None, engine.axis, -self.config.steer_coefficient, list(self.layers(engine)))
         return hidden + self._steer.vector(layer, hidden) * (engine.weight * self.weight)
