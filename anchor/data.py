@@ -157,12 +157,13 @@ def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
     return records
 
 
-ROLE_SEARCH = AxisSettings(n_roles=None, n_questions=8, prompts_per_role=1, mode="prompt")
+ROLE_SEARCH = AxisSettings(n_roles=None, n_questions=4, prompts_per_role=1, max_new_tokens=8)
 """The axis that finds the roles farthest from the Assistant when neither an axis bundle nor role names are given:
-every shipped role, in prompt mode (no generation, about a minute on 2 CPU cores for SmolLM2-135M). Prompt mode
-keeps the order of the roles along the axis (Spearman 0.85–0.90 to the full axis, ``scripts/results/
-bench_axis_variants.md``) though not its direction, and the order is all a search needs. The on-the-fly training
-axis samples only a few roles, so searching it would only rank those."""
+every shipped role answering 4 questions in 8 tokens (about a minute on 2 CPU cores for SmolLM2-135M). A search
+needs the far end of the role order, not the axis's direction to 0.9. On SmolLM2 this ranked the roles at Spearman
+0.78 to the full 225-role x 246-question axis, and 3 of its 6 farthest (dark_lord, eldritch, vampire_lord) are among
+the full axis's 6 farthest; prompt mode (Spearman 0.78 too) and 2 questions x 16 tokens (0.74) found none of them.
+The on-the-fly training axis samples only a few roles, so searching it would only rank those."""
 
 
 def role_search_axis(model: nn.Module, tokenizer: object, progress: bool = True) -> AssistantAxis:

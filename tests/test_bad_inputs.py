@@ -532,7 +532,7 @@ def test_anchor_data_without_axis_says_what_it_computes_first(saved, tiny_axis, 
     captured = capsys.readouterr()
     text = captured.out
     assert "No --axis: first ranking every shipped role along this model's Assistant Axis" in text
-    assert "prompt reads, no generation" in text
+    assert "answers of up to 8 tokens" in text
     assert "--axis DIR or --role-names skip this" in text and "Building persona data: 1 roles × 2 questions" in text
     assert code == 0 and (out / "data_config.json").is_file(), captured.err
 

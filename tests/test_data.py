@@ -131,7 +131,7 @@ def test_cli_builds_data_from_a_local_model(tiny_tokenizer, tmp_path, capsys):
     assert "sft_train.jsonl" in capsys.readouterr().out
 
 
-def test_role_search_ranks_every_shipped_role_in_prompt_mode(tmp_path, monkeypatch, tiny_tokenizer) -> None:
+def test_role_search_ranks_every_shipped_role(tmp_path, monkeypatch, tiny_tokenizer) -> None:
     """Without an axis bundle or role names, far roles are searched among all shipped roles, not the few roles the
     on-the-fly training axis samples."""
     from anchor.personas import load_roles
@@ -139,7 +139,7 @@ def test_role_search_ranks_every_shipped_role_in_prompt_mode(tmp_path, monkeypat
     monkeypatch.setenv("ANCHOR_CACHE", str(tmp_path))
     axis = data_mod.role_search_axis(make_tiny_model(tiny_tokenizer), tiny_tokenizer, progress=False)
     assert sorted(axis.role_names) == sorted(load_roles())
-    assert axis.metadata["extraction"]["mode"] == "prompt" and axis.metadata["n_questions"] == 8
+    assert axis.metadata["n_questions"] == data_mod.ROLE_SEARCH.n_questions == 4
 
 
 def test_recipe_data_without_roles_or_bundle_uses_the_role_search(tmp_path, monkeypatch, tiny_tokenizer,

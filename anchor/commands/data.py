@@ -68,8 +68,8 @@ def _default_axis(model: object, tokenizer: object, quiet: bool) -> object:
     from anchor.personas import load_questions, load_roles
 
     if not (axis_cache_dir(model, ROLE_SEARCH) / CONFIG_NAME).is_file():
-        answers = len(load_roles()) * (ROLE_SEARCH.n_questions or len(load_questions()))
+        answers = (len(load_roles()) + 1) * (ROLE_SEARCH.n_questions or len(load_questions()))
         print(f"No --axis: first ranking every shipped role along this model's Assistant Axis to find the farthest, "
-              f"about {answers} prompt reads, no generation (once; later runs read it from the cache). --axis DIR or "
-              "--role-names skip this.", flush=True)
+              f"about {answers} answers of up to {ROLE_SEARCH.max_new_tokens} tokens (once; later runs read it from "
+              "the cache). --axis DIR or --role-names skip this.", flush=True)
     return role_search_axis(model, tokenizer, progress=not quiet)
