@@ -137,6 +137,8 @@ def axis_numbers(axis: AssistantAxis) -> dict:
     s = space.summary(axis, k=len(axis.role_names))
     proj = axis.role_projections(s["layer"])
     s["default_rank"] = 1 + int((proj > axis.default_projection(s["layer"])).sum())
+    position = (proj - axis.default_projection(s["layer"])) / axis.gap(s["layer"])
+    s["role_positions"] = {n: round(float(v), 4) for n, v in zip(axis.role_names, position, strict=True)}
     s["groups"] = group_test(axis)
     return s
 
@@ -262,7 +264,7 @@ def stage_qwen_cap() -> dict:
         capped_answers = generate()
     floors = {int(i): float(t) for i, t in cap.tau.items()}
 
-    def margins(answers: list[list[int]], capped: bool) -> dict[int, dict[str, float]]:
+    def margins(answers: list[list[int]], capped: bool) -> dict[str, dict[str, float]]:
         """Per capped layer: the lowest projection minus the floor over every real position (prompt and answer),
         and the share of positions below the floor, read teacher-forced with or without the cap."""
         rows = [p + a for p, a in zip(prompts, answers, strict=True)]
@@ -270,9 +272,10 @@ def stage_qwen_cap() -> dict:
         # The recorder is registered after the cap, so it reads the capped states.
         with anchor.cap(model, axis) if capped else contextlib.nullcontext(), \
                 ProjectionRecorder(model, axis.unit, list(floors), to_cpu=True) as rec:
-            model(input_ids=full, attention_mask=full_mask, use_cache=False)
+            model(input_ids=full, attention_mask=full_mask, position_ids=(full_mask.cumsum(-1) - 1).clamp(min=0),
+                  use_cache=False)
         real = full_mask.bool()
-        return {layer: {"min_margin": round(float(rec.proj[layer][real].min()) - floors[layer], 5),
+        return {str(layer): {"min_margin": round(float(rec.proj[layer][real].min()) - floors[layer], 5),
                         "share_below": round(float((rec.proj[layer][real] < floors[layer] - 1e-4).float().mean()), 4)}
                 for layer in floors}
 
@@ -415,11 +418,13 @@ def plot(results: dict, path: Path) -> None:
     axes[0].axhline(0, color="grey", lw=0.5)
     axes[0].legend()
     for ax, s in zip(axes[1:], fams, strict=True):
-        pairs = sorted(s["top_roles"], key=lambda p: p[1])
+        pairs = sorted(s["role_positions"].items(), key=lambda p: p[1])
         colours = ["tab:green" if n in HELPFUL else "tab:purple" for n, _ in pairs]
         ax.barh([n for n, _ in pairs], [v for _, v in pairs], color=colours)
-        ax.axvline(s["default_projection"], color="black", ls="--", label="default")
-        ax.set(title=f"{s['model']}, layer {s['layer']} (AUC {s['groups']['auc_axis']:.2f})", xlabel="projection")
+        ax.axvline(0, color="black", ls="--", label="default")
+        ax.axvline(-1, color="grey", ls=":", label="mean role")
+        ax.set(title=f"{s['model']}, layer {s['layer']} (AUC {s['groups']['auc_axis']:.2f})",
+               xlabel="projection − default, in default-to-role gaps")
         ax.tick_params(axis="y", labelsize=7)
         ax.legend(loc="lower right", fontsize=7)
     fig.suptitle("green: helpful archetypes, purple: spiritual roles")
@@ -438,13 +443,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("stage", choices=[*STAGES, "report"])
     args = parser.parse_args(argv)
     results = json.loads(JSON_PATH.read_text()) if JSON_PATH.is_file() else {}
-    if args.stage == "report":
-        refresh_numbers(results)
-    else:
+    if args.stage != "report":
         key = args.stage.replace("-", "_")
         results.setdefault("machine", {})[key] = machine()
         results.update(STAGES[args.stage]())
-    atomic_write_json(JSON_PATH, results)
+    atomic_write_json(JSON_PATH, refresh_numbers(results))
     write_report(results)
     print(f"wrote {JSON_PATH}, {RESULTS / 'bench_families.md'}, {RESULTS / 'bench_families.png'}")
     return 0
