@@ -85,6 +85,9 @@ class AnchorConfig:
         "help": "replay, lm_replay, kl: default-persona conversations per optimizer step."})
     replay_refresh_steps: int = field(default=10, metadata={
         "help": "replay, kl: the model re-answers the replay prompts every N optimizer steps (on-policy)."})
+    replay_every: int = field(default=1, metadata={
+        "help": "replay, lm_replay, kl: add the replayed batch's term on every Nth optimizer step only, counted N "
+                "times there, so its mean pull is unchanged while its extra forward runs 1/N as often."})
     replay_max_new_tokens: int = field(default=48, metadata={
         "help": "replay, lm_replay, kl: tokens per replayed answer."})
     replay_layers: list[int] | None = field(default=None, metadata={
@@ -156,7 +159,8 @@ class AnchorConfig:
         for name in ("probe_every", "weight_warmup_steps", "probe_far_roles"):
             if getattr(self, name) < 0:
                 raise ValueError(f"AnchorConfig.{name}={getattr(self, name)} must be >= 0.")
-        for name in ("replay_batch_size", "replay_refresh_steps", "replay_max_new_tokens", "lm_replay_pool",
+        for name in ("replay_batch_size", "replay_every", "replay_refresh_steps", "replay_max_new_tokens",
+                     "lm_replay_pool",
                      "probe_max_new_tokens", "probe_batch_size", "axis_max_new_tokens", "axis_batch_size",
                      "ablate_components"):
             if getattr(self, name) < 1:

@@ -135,6 +135,7 @@ class Anchor:
         self._capture: tuple[dict[int, torch.Tensor], set[int]] | None = None
         self._pending: torch.Tensor | None = None  # once-per-step terms waiting to ride on a policy layer output
         self._step_due = False
+        self._step = 0
         self._warned_mask = False
         self._metrics: dict[str, list[torch.Tensor]] = {}
         self._nonfinite: dict[str, torch.Tensor] = {}
@@ -180,6 +181,7 @@ class Anchor:
     def start_step(self, step: int = 0) -> None:
         """Mark the start of optimizer step ``step``: once-per-step terms run on its first micro-batch."""
         self._step_due = True
+        self._step = step
         for m in self._active():
             m.start_step(self, step)
 
@@ -223,10 +225,11 @@ class Anchor:
             m.before_forward(self, inputs)
         if self._step_due:
             self._step_due = False
-            for m in active:
+            every = self.config.replay_every
+            for m in active if self._step % every == 0 else ():
                 term = m.step_loss(self)
                 if term is not None:
-                    self._add_pending(self._finite(term, f"{m.name} term") * (self.weight * m.weight))
+                    self._add_pending(self._finite(term, f"{m.name} term") * (self.weight * m.weight * every))
         return None
 
     def _add_pending(self, term: torch.Tensor) -> None:

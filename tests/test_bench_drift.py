@@ -197,3 +197,28 @@ def test_each_scenario_trains_what_it_says_and_writes_results(tiny_tokenizer, ti
     assert f"Drift benchmark: {scenario}" in table
     if scenario != "conditional":  # inoculation is read with its prompt given too
         assert math.isfinite(report["arms"][2]["trigger_leak_drift"]) and "Trigger leak" in table
+
+
+def test_the_mixed_scenario_adds_plain_answers_and_the_screened_arm_trains_on_what_screen_keeps(
+        tiny_tokenizer, tiny_axis, tiny_data, tmp_path):
+    from anchor.screening import screen
+
+    cfg = _config(tmp_path, ["screened:10"], scenario="mixed")
+    bench = _bench(tiny_tokenizer, tiny_axis, tiny_data, cfg)
+    n_in_role = len(tiny_data.sft_train)
+    assert bench.train_labels == ["in_role"] * n_in_role + ["neutral"] * (len(bench.train_rows) - n_in_role)
+    plain = {r["prompt"][-1]["content"]: r["rejected"][-1]["content"] for r in tiny_data.dpo_train}
+    assert [m[-1]["content"] for m in bench.train_messages[n_in_role:]] == list(plain.values())
+    report = screen(bench.base, tiny_tokenizer, tiny_axis, [{"messages": m} for m in bench.train_messages],
+                    reference="band")
+    keep = report.keep(tiny_axis, 10.0)
+    assert 0 < len(keep) < len(bench.train_rows)  # the 10th percentile drops some rows on the tiny model
+    assert bench.rows(bd.Arm("screened", 10.0)) == [bench.train_rows[i] for i in keep]
+    assert bench.rows(bd.Arm("unanchored")) == bench.train_rows
+    summary = bench.screened[10.0]["summary"]
+    assert summary["kept"] == len(keep) and summary["kept_in_role"] + summary["kept_neutral"] == len(keep)
+    assert bd.Arm("screened", 10.0).kind == "axis" and bd.arm_config(bench, bd.Arm("screened", 10.0)) is None
+    with pytest.raises(ValueError, match="screened arm filters SFT rows"):
+        _bench(tiny_tokenizer, tiny_axis, tiny_data, _config(tmp_path, ["screened:5"], scenario="dpo"))
+    report = bd.build_report(bench, [], [], {"config": cfg.to_json()})
+    assert report["screen"] == [summary]

@@ -300,3 +300,36 @@ def test_incremental_pushes_add_up_to_the_axis_and_ablation_holds_the_default(ti
     h = torch.randn(5, tiny_axis.hidden_size)
     edited = h - ((h @ basis.T - basis @ tiny_axis.default_mean[2]) @ basis)
     assert torch.allclose(edited @ basis.T, (basis @ tiny_axis.default_mean[2]).expand(5, 3), atol=1e-5)
+
+
+def test_replay_every_adds_the_term_n_times_on_every_nth_step_and_nothing_between(tiny_tokenizer, tiny_axis):
+    from anchor.loss import answer_lm_loss
+
+    batch, weight, every = _batch(len(tiny_tokenizer)), 0.7, 3
+    ids, attention, answer = _answers(len(tiny_tokenizer))
+
+    def grads(step: int | None) -> torch.Tensor:
+        """The training gradient with the anchor at ``step`` (None: no anchor)."""
+        model = make_tiny_model(tiny_tokenizer).train()
+        _perturb(model)
+        anchor = None
+        if step is not None:
+            config = AnchorConfig(method="lm_replay", weight=weight, layers=LAYERS, replay_every=every, probe_every=0)
+            anchor = Anchor(model, tiny_axis, config)
+            anchor.method("lm_replay").set_batch(ids, attention, answer)
+            anchor.start_step(step)
+        model(**batch).loss.backward()
+        if anchor is not None:
+            anchor.detach()
+        return torch.cat([p.grad.flatten() for p in model.parameters()])
+
+    model = make_tiny_model(tiny_tokenizer).train()
+    _perturb(model)
+    (model(**batch).loss + every * weight * answer_lm_loss(model(input_ids=ids, attention_mask=attention).logits,
+                                                           ids, answer)).backward()
+    explicit = torch.cat([p.grad.flatten() for p in model.parameters()])
+    plain = grads(None)
+    assert float((grads(2 * every) - explicit).norm() / explicit.norm()) <= 1e-6  # due: counted `every` times
+    assert torch.equal(grads(2 * every + 1), plain)  # between due steps: bit-identical to no anchor
+    with pytest.raises(ValueError, match="replay_every"):
+        AnchorConfig(method="lm_replay", replay_every=0)

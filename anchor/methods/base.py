@@ -15,7 +15,8 @@ Hooks, all optional (the engine calls each on every method, in the configured or
   reference's projections on the same batch);
 * :meth:`~AnchorMethod.edit` — change a layer's output on policy training passes (steering, ablation);
 * :meth:`~AnchorMethod.penalty` — a term from a layer's projections of the trained tokens (per micro-batch);
-* :meth:`~AnchorMethod.step_loss` — a term from an extra forward, once per optimizer step (replay, KL);
+* :meth:`~AnchorMethod.step_loss` — a term from an extra forward, once per optimizer step (replay, KL), or once
+  every ``replay_every`` steps, counted that many times, when the extra forward's cost matters;
 * :meth:`~AnchorMethod.state_dict` / :meth:`~AnchorMethod.load_state_dict` — what a resume needs, as tensors plus
   JSON, so a resumed run is bit-exact.
 """
@@ -90,7 +91,8 @@ class AnchorMethod:
         return None
 
     def step_loss(self, engine: Anchor) -> torch.Tensor | None:
-        """A scalar term added once per optimizer step, from forwards the method runs through the engine."""
+        """A scalar term added once per optimizer step (every ``replay_every``-th step, scaled by it), from forwards
+        the method runs through the engine."""
         return None
 
     def state_dict(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -177,8 +179,8 @@ class OnPolicyMethod(AnchorMethod):
     :meth:`set_batch`; :attr:`sampled_at` is the step of the current sample (None before the first).
     """
 
-    fields: ClassVar[tuple[str, ...]] = ("replay_batch_size", "replay_refresh_steps", "replay_max_new_tokens",
-                                         "replay_questions")
+    fields: ClassVar[tuple[str, ...]] = ("replay_batch_size", "replay_every", "replay_refresh_steps",
+                                         "replay_max_new_tokens", "replay_questions")
     needs_template = True
     system_prompts: ClassVar[bool] = False
     sampled_at: int | None = None

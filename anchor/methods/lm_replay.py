@@ -29,7 +29,8 @@ _KEYS = ("input_ids", "attention_mask", "answer_mask")
 @register_method
 class LMReplay(AnchorMethod):
     name = "lm_replay"
-    fields = ("replay_batch_size", "replay_max_new_tokens", "replay_questions", "lm_replay_pool", "lm_replay_data")
+    fields = ("replay_batch_size", "replay_every", "replay_max_new_tokens", "replay_questions", "lm_replay_pool",
+              "lm_replay_data")
     needs_template = True
 
     def __init__(self, *args: object, **kwargs: object):
