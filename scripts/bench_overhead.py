@@ -215,8 +215,10 @@ class StepClock:
         self.sync = sync
 
 
-def train_run(args: argparse.Namespace, axis_path: str, method: str | None, steps: int, probe_every: int = 0) -> dict:
-    """Train ``steps`` steps, plain (``method`` None) or anchored; return step times, set-up time and peak memory."""
+def train_run(args: argparse.Namespace, axis_path: str, method: str | None, steps: int, probe_every: int = 0,
+              fields: dict | None = None) -> dict:
+    """Train ``steps`` steps, plain (``method`` None) or anchored with ``method`` (a registered name, or a label of
+    the ``AnchorConfig`` ``fields``); return step times, set-up time and peak memory."""
     import torch
     from trl import SFTConfig, SFTTrainer
 
@@ -230,7 +232,8 @@ def train_run(args: argparse.Namespace, axis_path: str, method: str | None, step
     clock = StepClock(torch.cuda.synchronize if gpu else None)
     callbacks = [clock.callback]
     if method is not None:
-        callbacks.append(AnchorCallback(AnchorConfig(axis=axis_path, method=[method], probe_every=probe_every)))
+        settings = {"method": method, **(fields or {})}  # one name, or names joined by "+"
+        callbacks.append(AnchorCallback(AnchorConfig(axis=axis_path, probe_every=probe_every, **settings)))
     with tempfile.TemporaryDirectory() as out:
         config = SFTConfig(
             output_dir=out, max_steps=steps, per_device_train_batch_size=args.batch_size, learning_rate=1e-5,

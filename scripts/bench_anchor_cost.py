@@ -1,0 +1,196 @@
+"""What the recommended anchor costs per optimizer step, and how the replayed batch's size and frequency buy it down.
+
+The default anchor (``AnchorConfig()``: preventative steering plus LM replay) adds, once per optimizer step, the
+forward and backward of a replayed batch: ``replay_batch_size`` of the base model's own default answers (up to
+``replay_max_new_tokens`` tokens each, plus their prompts). Steering itself adds no forward. So its cost over a
+plain step is roughly the replayed tokens over the trained tokens, and falls with a smaller ``replay_batch_size``
+or a larger ``replay_every`` (the replayed batch on every Nth step only, counted N times).
+
+Each configuration below trains ``--steps`` steps in a fresh process (``bench_overhead.train_run``), interleaved,
+the order reversed every other repetition. The step time is the **mean** over the steps after ``--warmup``, not
+the median: with ``replay_every`` = N only one step in N carries the replayed batch, and a median would hide it.
+``--steps`` − ``--warmup`` should be a multiple of every N timed. The ratio of a repetition is the configuration's
+mean step over the same repetition's plain mean step.
+
+    python scripts/bench_anchor_cost.py                      # CPU: batch 4 × 128 tokens, about 15 minutes
+    python scripts/bench_anchor_cost.py --device cuda --batch-size 8 --seq-len 512
+
+Writes ``scripts/results/bench_anchor_cost_<device>.{json,md,png}`` with ``uptime`` at the start and the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import json
+import multiprocessing
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_overhead import (  # the shared timing helpers of the overhead benchmark
+    PRELOAD,
+    RESULTS,
+    bench_axis,
+    fmt_spread,
+    plot_ratio_bars,
+    save_figure,
+    spread,
+    train_run,
+    uptime,
+)
+
+# label -> AnchorConfig fields on top of its defaults (None: plain training)
+CONFIGS: dict[str, dict | None] = {
+    "plain": None,
+    "default (replay 8 every step)": {},
+    "replay_batch_size=2": {"replay_batch_size": 2},
+    "replay_every=4": {"replay_every": 4},
+    "replay_every=8": {"replay_every": 8},
+}
+TARGET = 1.2  # the recommended default should cost at most this many plain steps
+
+
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="smollm2")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--dtype", default=None, help="fp32 (default on CPU) or bf16")
+    p.add_argument("--threads", type=int, default=2, help="torch CPU threads, set in every process (CPU only)")
+    p.add_argument("--batch-size", type=int, default=4, help="per-device training batch")
+    p.add_argument("--seq-len", type=int, default=128, help="tokens per training example")
+    p.add_argument("--steps", type=int, default=9, help="optimizer steps per run")
+    p.add_argument("--warmup", type=int, default=1, help="steps dropped at the start of every run")
+    p.add_argument("--reps", type=int, default=2, help="runs per configuration, interleaved")
+    p.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS),
+                   help="configurations to time (plain is always included)")
+    p.add_argument("--axis", default=None, help="axis bundle (default: a prompt-mode axis computed once and cached)")
+    p.add_argument("--out", default=str(RESULTS))
+    args = p.parse_args(argv)
+    args.dtype = args.dtype or ("bf16" if args.device.startswith("cuda") else "fp32")
+    timed = args.steps - args.warmup
+    for label in args.configs:
+        every = (CONFIGS[label] or {}).get("replay_every", 1)
+        if timed < every or timed % every:
+            raise SystemExit(f"--steps {args.steps} - --warmup {args.warmup} = {timed} timed steps is not a whole "
+                             f"number of replay cycles of {label!r}; use a multiple of {every}.")
+    return args
+
+
+def mean_step(run: dict, warmup: int) -> float:
+    """Mean step time after the warm-up (whole replay cycles, so the replayed steps count at their share)."""
+    return statistics.fmean(run["step_times"][warmup:])
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse(argv)
+    labels = ["plain", *[c for c in args.configs if c != "plain"]]
+    result: dict = {"command": "python " + " ".join([f"scripts/{Path(__file__).name}", *sys.argv[1:]]),
+                    "uptime_at_start": uptime()}
+    axis_path = bench_axis(args.model, args.dtype, args.axis)
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(PRELOAD)
+    started = time.perf_counter()
+
+    def pool(fn: Callable, *fn_args: object, **fn_kwargs: object) -> dict:
+        with concurrent.futures.ProcessPoolExecutor(1, mp_context=context, max_tasks_per_child=1) as executor:
+            return executor.submit(fn, *fn_args, **fn_kwargs).result()
+
+    from anchor.config import AnchorConfig
+
+    composition = "+".join(AnchorConfig().method)
+    runs: list[dict] = []
+    for rep in range(args.reps):
+        for label in (labels if rep % 2 == 0 else labels[::-1]):
+            fields = CONFIGS[label]
+            run = pool(train_run, args, axis_path, None if fields is None else composition, args.steps, fields=fields)
+            runs.append({"rep": rep, "label": label, **run})
+            print(f"rep {rep} {label:32s} mean step {mean_step(run, args.warmup):.3f} s, set-up {run['setup_s']:.1f} s"
+                  f"  [{uptime()}]", flush=True)
+    plain = {r["rep"]: r for r in runs if r["label"] == "plain"}
+    rows = []
+    for label in labels:
+        mine = [r for r in runs if r["label"] == label]
+        rows.append({
+            "config": label, "fields": CONFIGS[label],
+            "step_s": statistics.median(mean_step(r, args.warmup) for r in mine),
+            "setup_s": statistics.median(r["setup_s"] for r in mine),
+            "time_ratio": spread([mean_step(r, args.warmup) / mean_step(plain[r["rep"]], args.warmup) for r in mine]),
+            "reps": len(mine),
+        })
+    import torch
+
+    gpu = args.device.startswith("cuda")
+    result.update({
+        "device": torch.cuda.get_device_name() if gpu else f"cpu ({platform.processor() or platform.machine()})",
+        "threads": None if gpu else runs[0]["threads"], "torch": torch.__version__, "model": args.model,
+        "dtype": args.dtype, "batch_size": args.batch_size, "seq_len": args.seq_len, "steps": args.steps,
+        "warmup": args.warmup, "reps": args.reps, "axis": axis_path, "target": TARGET, "rows": rows,
+        "seconds": round(time.perf_counter() - started, 1), "uptime_at_end": uptime(),
+        "runs": [{k: v for k, v in r.items() if k != "peak_bytes"} for r in runs],
+    })
+    write(result, Path(args.out), "cuda" if gpu else "cpu")
+    return 0
+
+
+def verdict(row: dict) -> str:
+    s = row["time_ratio"]
+    if row["fields"] is None:
+        return "reference"
+    if s["max"] <= TARGET:
+        return f"meets ≤ {TARGET}"
+    if s["min"] > TARGET:
+        return f"misses ≤ {TARGET}"
+    return f"noise-bound: {s['min']:.2f}–{s['max']:.2f} straddles {TARGET}"
+
+
+def write(result: dict, out: Path, device: str) -> None:
+    from anchor.config import AnchorConfig
+    from anchor.io import atomic_write_json, atomic_write_text
+
+    stem = out / f"bench_anchor_cost_{device}"
+    atomic_write_json(stem.with_suffix(".json"), result)
+    default = AnchorConfig()
+    table = ["| configuration | AnchorConfig fields | mean step (s) | time ratio: median (min–max) | set-up (s) | "
+             "runs | verdict |", "|---|---|---|---|---|---|---|"]
+    table += [f"| {r['config']} | {json.dumps(r['fields']) if r['fields'] is not None else '-'} | {r['step_s']:.3f} | "
+              f"{fmt_spread(r['time_ratio'])} | {r['setup_s']:.1f} | {r['reps']} | {verdict(r)} |"
+              for r in result["rows"]]
+    text = [
+        f"# The recommended anchor's cost per step ({device})", "",
+        f"`{result['command']}`, {result['seconds']} s. Uptime at start: `{result['uptime_at_start']}`; at end: "
+        f"`{result['uptime_at_end']}`.", "",
+        f"SFTTrainer on `{result['model']}` ({result['dtype']}), batch {result['batch_size']} × {result['seq_len']} "
+        f"tokens, device {result['device']}" + (f", torch threads {result['threads']}" if result["threads"] else "")
+        + f", torch {result['torch']}. Anchor: `AnchorConfig()` = {' + '.join(default.method)} (replay "
+        f"{default.replay_batch_size} answers of ≤ {default.replay_max_new_tokens} tokens, steering k "
+        f"{default.steer_coefficient}), with the fields shown changed. {result['reps']} interleaved runs of "
+        f"{result['steps']} steps per configuration, each a fresh process; the step time is the mean after the first "
+        f"{result['warmup']} step(s), so a replayed step counts at its share; ratios per repetition against the same "
+        f"repetition's plain run. Target: ≤ {TARGET}× a plain step.", "",
+        *table, "",
+        "The cost is about the replayed tokens over the trained tokens per step: it is larger for short training "
+        "sequences (as here) than for long ones, and falls as 1/N with `replay_every` = N.", "",
+        f"Plot: `{stem.with_suffix('.png').name}`.",
+    ]
+    atomic_write_text(stem.with_suffix(".md"), "\n".join(text) + "\n")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    anchored = [r for r in result["rows"] if r["fields"] is not None]
+    plot_ratio_bars(ax, [r["config"] for r in anchored], [r["time_ratio"] for r in anchored], TARGET,
+                    f"step time ÷ plain, batch {result['batch_size']} × {result['seq_len']} ({device})")
+    save_figure(fig, stem.with_suffix(".png"))
+    plt.close(fig)
+    print("\n".join(table))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,53 @@
+"""scripts/bench_anchor_cost.py without training: the step-count check and the written table's verdicts."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
+
+
+def _load():
+    sys.path.insert(0, str(SCRIPTS))
+    spec = importlib.util.spec_from_file_location("bench_anchor_cost", SCRIPTS / "bench_anchor_cost.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+bc = _load()
+
+
+def test_timed_steps_must_hold_whole_replay_cycles():
+    assert bc.parse(["--steps", "9", "--warmup", "1"]).configs == list(bc.CONFIGS)
+    with pytest.raises(SystemExit, match="use a multiple of 4"):
+        bc.parse(["--steps", "7", "--warmup", "1"])
+    assert bc.parse(["--steps", "7", "--warmup", "1", "--configs", "replay_batch_size=2"]).steps == 7
+
+
+def test_the_mean_step_counts_the_replayed_steps_at_their_share():
+    run = {"step_times": [9.0, 1.0, 1.0, 1.0, 5.0]}  # warm-up, then one replayed step in four
+    assert bc.mean_step(run, 1) == 2.0
+
+
+def test_the_table_states_each_verdict(tmp_path):
+    def row(config, fields, values):
+        return {"config": config, "fields": fields, "step_s": 1.0, "setup_s": 0.0, "reps": len(values),
+                "time_ratio": bc.spread(values)}
+
+    result = {"command": "python scripts/bench_anchor_cost.py", "uptime_at_start": "up", "uptime_at_end": "up",
+              "seconds": 1.0, "model": "smollm2", "dtype": "fp32", "batch_size": 4, "seq_len": 128,
+              "device": "cpu (x86_64)", "threads": 2, "torch": "2", "reps": 2, "steps": 9, "warmup": 1,
+              "rows": [row("plain", None, [1.0, 1.0]), row("a", {}, [1.9, 2.1]),
+                       row("b", {"replay_every": 4}, [1.1, 1.15]), row("c", {"replay_every": 8}, [1.1, 1.3])]}
+    bc.write(result, tmp_path, "cpu")
+    table = (tmp_path / "bench_anchor_cost_cpu.md").read_text()
+    assert "| a | {} |" in table and "misses ≤ 1.2" in table
+    assert "meets ≤ 1.2" in table and "noise-bound: 1.10–1.30 straddles 1.2" in table
+    assert json.loads((tmp_path / "bench_anchor_cost_cpu.json").read_text())["rows"][1]["config"] == "a"
+    assert (tmp_path / "bench_anchor_cost_cpu.png").stat().st_size > 0
