@@ -689,7 +689,7 @@ def plot(report: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax, bx) = plt.subplots(1, 2, figsize=(14, 5), gridspec_kw={"width_ratios": [3, 2]})
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(14, 6), gridspec_kw={"width_ratios": [3, 2]})
     for a in report["arms"]:
         y = torch.tensor(a["proj_drift_gaps"])
         s = torch.tensor(a["proj_drift_sem"]).nan_to_num(0.0)
@@ -712,15 +712,17 @@ def plot(report: dict[str, Any], path: Path) -> None:
             continue
         err = c["behaviour_pct_err"]
         err = err if isinstance(err, float) and math.isfinite(err) else 0.0  # NaN is written as null
-        bx.errorbar(c["task_loss_change_pct"], c["behaviour_pct"], yerr=err, fmt="o", capsize=3, label=a["arm"])
+        marker = {"baseline": "D", "control (no axis)": "s"}.get(a["kind"], "o")  # the axis-free controls: squares
+        bx.errorbar(c["task_loss_change_pct"], c["behaviour_pct"], yerr=err, fmt=marker, capsize=3,
+                    mfc="none" if a["kind"] == "control (no axis)" else None, label=f"{a['arm']} ({a['kind']})")
     bx.axhline(0, color="k", lw=0.8)
     bx.axvline(0, color="k", lw=0.8)
     bx.set_xlim(left=min([-5.0] + [a["vs_unanchored"]["task_loss_change_pct"] - 2 for a in report["arms"]
                                    if "vs_unanchored" in a]))
     bx.set_xlabel("held-out task loss change vs unanchored (%)")
     bx.set_ylabel("behavioural drift (% of unanchored, ± s.e.)")
-    bx.set_title("Persona kept vs task learnt")
-    bx.legend(fontsize=7)
+    bx.set_title("Persona kept vs task learnt (open squares: axis-free controls)")
+    bx.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=2)  # clear of the points
     fig.tight_layout()
     atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110))
     plt.close(fig)
