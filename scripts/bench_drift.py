@@ -109,6 +109,8 @@ ARMS: dict[str, Callable[[float, Bench], dict[str, Any]]] = {
     "ablate": lambda s, b: dict(method=["ablate"], weight=s, layers=b.steering["layers"]),
     "abl+kl": lambda s, b: dict(method=["ablate", "kl"], method_weights=[1.0, s], layers=b.steering["layers"],
                                 **b.replay),
+    "prevk+lm-b1": lambda s, b: dict(method=["preventative", "lm_replay"], **{**b.steering, "steer_coefficient": s},
+                                     **{**b.lm, "replay_batch_size": 1}),  # prev+lm-b1 at steering strength k = s
     "prev+lm-e4": lambda s, b: dict(method=["preventative", "lm_replay"], method_weights=[1.0, s], **b.steering,
                                     **b.lm, replay_every=4),  # the replayed batch on every 4th step only: cheaper
     "inoculate": lambda s, b: None,  # no anchor: the training data carries INOCULATION_PROMPT (Bench.rows)
@@ -122,7 +124,8 @@ whether a prompt that merely *explains* the role-play lets the model file the be
 prompting, arXiv 2510.04340). Its drift is also read with this prompt given at test time (the trigger leak)."""
 # The strengths tried when none is given, ordered by promise so a time budget cuts the expected failures first.
 DEFAULT_GRID: dict[str, tuple[float, ...]] = {
-    "prev+lm": (1.0,), "prev+lm-b1": (1.0,), "prev+lm-e4": (1.0,), "screened": (5.0,),
+    "prev+lm": (1.0,), "prev+lm-b1": (1.0,), "prev+lm-e4": (1.0,), "prevk+lm-b1": (0.0025, 0.005, 0.01),
+    "screened": (5.0,),
     "preventative": (0.005, 0.01, 0.02), "prev+kl": (1.0,),
     "lm-replay": (0.3, 1.0, 3.0),
     "kl": (0.3, 1.0, 3.0), "incremental": (0.25, 0.5, 1.0), "ablate": (0.5, 0.75, 1.0), "abl+kl": (1.0,),
