@@ -639,12 +639,15 @@ def markdown(report: dict[str, Any]) -> str:
                "mixed": "SFTTrainer on {n} rows: in-role answers of the roles {roles} (no system prompt) mixed with "
                         "the base model's own plain answers to the same questions"}[scenario]
     trained = trained.format(n=report["data"]["n_train"], roles=", ".join(report["data"]["roles"]))
+    data = report["data"]
+    questions = (f"{data['n_measure'] - data['n_probes']} questions of the other kinds" if scenario == "narrow"
+                 else f"{data['n_heldout_questions']} held-out questions")
     lines = [
         f"# Drift benchmark: {scenario} ({report['device']})", "",
         f"{report['model']}, full fine-tuning with TRL {trained}, {cfg['steps']} steps × batch "
         f"{cfg['batch_size']}, lr {cfg['learning_rate']:g}, {cfg['dtype']}. Measured on {report['data']['n_measure']} "
-        f"default-persona prompts disjoint from training ({report['data']['n_heldout_questions']} held-out questions + "
-        f"{report['data']['n_probes']} probes), greedy answers of {cfg['measure_max_new_tokens']} tokens; "
+        f"default-persona prompts disjoint from training ({questions} + {data['n_probes']} probes), greedy answers "
+        f"of {cfg['measure_max_new_tokens']} tokens; "
         f"task loss on {report['data']['n_task']} held-out in-role answers. Elapsed {report['elapsed_s']:.0f}s.", "",
         "Behavioural drift: change of the frozen base model's NLL(answer | default) − NLL(answer | far role) "
         "(nats/token, higher = more role-like), ± standard error over seeds × answers. Projection drift: change of the "
