@@ -77,7 +77,8 @@ class AnchorConfig:
     probe_mode: str = field(default="teacher_forced", metadata={
         "help": "teacher_forced: re-read the base model's step-0 answers; generated: answer again each time."})
     probe_max_new_tokens: int = field(default=48, metadata={"help": "Tokens generated per probe answer."})
-    probe_batch_size: int = field(default=16, metadata={"help": "Batch size of probe forwards and generation."})
+    probe_batch_size: int = field(default=16, metadata={
+        "help": "Batch size of probe forwards and generation (and, at least, of lm_replay's one-off pool answers)."})
     probe_far_roles: int = field(default=3, metadata={
         "help": "Role-likeness score: number of far roles (bottom of the axis) compared with the default prompt; "
                 "0 = off. Needs a frozen reference (PEFT, or a method that keeps one: match, replay, kl)."})
