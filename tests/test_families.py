@@ -191,9 +191,12 @@ def _floor_holds(model, tokenizer, axis) -> None:
     with anchor.cap(model, axis) as cap:
         out = model.generate(input_ids=ids, max_new_tokens=8, do_sample=False, pad_token_id=tokenizer.pad_token_id)
         with ProjectionRecorder(model, axis.unit, cap.layers, to_cpu=True) as rec:
-            model(input_ids=out, use_cache=False)
+            hidden = model(input_ids=out, use_cache=False, output_hidden_states=True).hidden_states
     for layer in cap.layers:
-        assert float(rec.proj[layer].min()) >= cap.tau[layer] - 1e-3 * max(1.0, abs(cap.tau[layer]))
+        # fp32 rounding of a projection scales with the residual norm, and Gemma's first token carries a norm in the
+        # thousands (a floor of -2.5257 read back as -2.5293 there): allow a few ulps of the largest norm
+        rounding = 1e-6 * float(hidden[layer + 1].float().norm(dim=-1).max())
+        assert float(rec.proj[layer].min()) >= cap.tau[layer] - 1e-3 * max(1.0, abs(cap.tau[layer])) - rounding
     trace = anchor.monitor(model, tokenizer, axis, [
         *conversation, {"role": "assistant", "content": tokenizer.decode(out[0, ids.shape[1]:],
                                                                          skip_special_tokens=True).strip() or "Stew."}])
