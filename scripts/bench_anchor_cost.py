@@ -34,7 +34,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_overhead import (  # the shared timing helpers of the overhead benchmark
     PRELOAD,
-    RESULTS,
+    add_run_args,
     bench_axis,
     fmt_spread,
     plot_ratio_bars,
@@ -57,10 +57,7 @@ TARGET = 1.2  # the recommended default should cost at most this many plain step
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default="smollm2")
-    p.add_argument("--device", default="cpu", help="cpu or cuda")
-    p.add_argument("--dtype", default=None, help="fp32 (default on CPU) or bf16")
-    p.add_argument("--threads", type=int, default=2, help="torch CPU threads, set in every process (CPU only)")
+    add_run_args(p)
     p.add_argument("--batch-size", type=int, default=4, help="per-device training batch")
     p.add_argument("--seq-len", type=int, default=128, help="tokens per training example")
     p.add_argument("--steps", type=int, default=9, help="optimizer steps per run")
@@ -68,8 +65,6 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--reps", type=int, default=2, help="runs per configuration, interleaved")
     p.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS),
                    help="configurations to time (plain is always included)")
-    p.add_argument("--axis", default=None, help="axis bundle (default: a prompt-mode axis computed once and cached)")
-    p.add_argument("--out", default=str(RESULTS))
     args = p.parse_args(argv)
     args.dtype = args.dtype or ("bf16" if args.device.startswith("cuda") else "fp32")
     timed = args.steps - args.warmup

@@ -47,12 +47,19 @@ TARGETS = {"time": 1.02, "memory": 1.01}
 PRELOAD = ["torch", "transformers", "datasets", "trl", "anchor.callback", "anchor.chat"]
 
 
-def parse(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def add_run_args(p: argparse.ArgumentParser) -> None:
+    """The options every timed-training benchmark shares (this one and ``bench_anchor_cost.py``)."""
     p.add_argument("--model", default="smollm2")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--dtype", default=None, help="fp32 (default on CPU) or bf16")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads, set in every process (CPU only)")
+    p.add_argument("--axis", default=None, help="axis bundle (default: a prompt-mode axis computed once and cached)")
+    p.add_argument("--out", default=str(RESULTS))
+
+
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_run_args(p)
     p.add_argument("--batch-size", type=int, default=None, help="per-device batch (default 2 on CPU, 8 on GPU)")
     p.add_argument("--seq-len", type=int, default=None, help="tokens per example (default 64 on CPU, 512 on GPU)")
     p.add_argument("--steps", type=int, default=None, help="optimizer steps per run (default 4 on CPU, 20 on GPU)")
@@ -67,8 +74,6 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--monitor-reps", type=int, default=3)
     p.add_argument("--monitor-new-tokens", type=int, default=32)
     p.add_argument("--monitor-batch-sizes", type=int, nargs="+", default=[1, 8])
-    p.add_argument("--axis", default=None, help="axis bundle (default: a prompt-mode axis computed once and cached)")
-    p.add_argument("--out", default=str(RESULTS))
     args = p.parse_args(argv)
     gpu = args.device.startswith("cuda")
     args.dtype = args.dtype or ("bf16" if gpu else "fp32")
