@@ -21,22 +21,19 @@ Writes ``scripts/results/bench_anchor_cost_<device>.{json,md,png}`` with ``uptim
 from __future__ import annotations
 
 import argparse
-import concurrent.futures
 import json
-import multiprocessing
 import platform
 import statistics
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_overhead import (  # the shared timing helpers of the overhead benchmark
-    PRELOAD,
     add_run_args,
     bench_axis,
     fmt_spread,
+    fresh_process_runner,
     plot_ratio_bars,
     save_figure,
     spread,
@@ -87,13 +84,8 @@ def main(argv: list[str] | None = None) -> int:
     result: dict = {"command": "python " + " ".join([f"scripts/{Path(__file__).name}", *sys.argv[1:]]),
                     "uptime_at_start": uptime()}
     axis_path = bench_axis(args.model, args.dtype, args.axis)
-    context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(PRELOAD)
+    pool = fresh_process_runner()
     started = time.perf_counter()
-
-    def pool(fn: Callable, *fn_args: object, **fn_kwargs: object) -> dict:
-        with concurrent.futures.ProcessPoolExecutor(1, mp_context=context, max_tasks_per_child=1) as executor:
-            return executor.submit(fn, *fn_args, **fn_kwargs).result()
 
     from anchor.config import AnchorConfig
 

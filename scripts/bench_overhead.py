@@ -261,6 +261,19 @@ def steady(run: dict, warmup: int) -> float:
     return statistics.median(run["step_times"][warmup:])
 
 
+def fresh_process_runner() -> Callable[..., dict]:
+    """A function that runs ``fn(*args, **kwargs)`` in a fresh process (one task per process, forked from a server
+    that has imported torch, transformers and TRL, so a run does not pay for the imports) and returns its result."""
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(PRELOAD)
+
+    def run(fn: Callable, *fn_args: object, **fn_kwargs: object) -> dict:
+        with concurrent.futures.ProcessPoolExecutor(1, mp_context=context, max_tasks_per_child=1) as executor:
+            return executor.submit(fn, *fn_args, **fn_kwargs).result()
+
+    return run
+
+
 def method_overhead(args: argparse.Namespace, pool: Callable, axis_path: str, methods: list[str]) -> dict:
     """Every configuration in a fresh process, interleaved over repetitions; per-repetition ratios to plain."""
     extra = {name: extra_forward(name) for name in methods}
@@ -371,14 +384,8 @@ def main(argv: list[str] | None = None) -> int:
     result: dict = {"command": "python " + " ".join([f"scripts/{Path(__file__).name}", *sys.argv[1:]]),
                     "uptime_at_start": uptime()}
     axis_path = bench_axis(args.model, args.dtype, args.axis)
-    context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(PRELOAD)
+    pool = fresh_process_runner()
     started = time.perf_counter()
-
-    def pool(fn: Callable, *fn_args: object) -> dict:
-        """Run ``fn(*fn_args)`` in a fresh process (one task per process) and return its result."""
-        with concurrent.futures.ProcessPoolExecutor(1, mp_context=context, max_tasks_per_child=1) as executor:
-            return executor.submit(fn, *fn_args).result()
 
     overhead = method_overhead(args, pool, axis_path, methods)
     plain_step = next(r["step_s"] for r in overhead["rows"] if r["method"] == "plain")
