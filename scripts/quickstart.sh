@@ -12,14 +12,23 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # On a CPU that other jobs keep busy, torch's threads spin-wait on each other and run several times slower than one
-# thread; use one thread then (set OMP_NUM_THREADS yourself to override). The load is read before set-up, whose
-# own pip work would otherwise count as another job.
+# thread; use one thread then (set OMP_NUM_THREADS yourself to override). The CPU's busy cores are sampled over one
+# second from /proc/stat, not read from the load average, which still counts a job for a minute after it ended; and
+# before set-up, whose own pip work would otherwise count as another job.
+busy_cores() {
+  local a b
+  a=($(head -1 /proc/stat 2>/dev/null)); sleep 1; b=($(head -1 /proc/stat 2>/dev/null))
+  [ "${#a[@]}" -ge 6 ] && [ "${#b[@]}" -ge 6 ] || { echo 0; return; }
+  awk -v c="$(nproc)" -v t0="$(( a[1] + a[2] + a[3] + a[4] + a[5] ))" -v i0="$(( a[4] + a[5] ))" \
+      -v t1="$(( b[1] + b[2] + b[3] + b[4] + b[5] ))" -v i1="$(( b[4] + b[5] ))" \
+      'BEGIN { d = t1 - t0; printf "%.2f", (d > 0 ? (d - (i1 - i0)) / d * c : 0) }'
+}
 if [ -z "${OMP_NUM_THREADS:-}" ]; then
   cores=$(nproc)
-  load=$(cut -d' ' -f1 /proc/loadavg 2>/dev/null || echo 0)
-  if awk -v l="$load" -v c="$cores" 'BEGIN { exit !(l >= c / 2) }'; then
+  busy=$(busy_cores)
+  if awk -v l="$busy" -v c="$cores" 'BEGIN { exit !(l >= c / 2) }'; then
     export OMP_NUM_THREADS=1
-    echo "quickstart: the CPU is busy (load $load on $cores cores): using 1 torch thread."
+    echo "quickstart: the CPU is busy ($busy of $cores cores in use): using 1 torch thread."
   fi
 fi
 if [ "${QUICKSTART_SETUP:-1}" != "0" ]; then
