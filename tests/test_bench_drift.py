@@ -94,7 +94,14 @@ def test_every_arm_is_a_line_of_public_configuration(tiny_tokenizer, tiny_axis, 
         if method == "inoculate":  # a data arm: no anchor, the examples carry the inoculation prompt
             assert config is None and bd.INOCULATION_PROMPT in tiny_tokenizer.decode(bench.inoculated_rows[0]["prompt"])
             continue
+        if method == "screened":  # a data arm: no anchor, the rows anchor.screen keeps (tested below)
+            assert config is None
+            continue
         assert isinstance(config, bd.AnchorConfig) and config.probe_every == 0
+    e4 = bd.arm_config(bench, bd.Arm("prev+lm-e4", 1.0))
+    assert e4.replay_every == 4 and e4.method == ["preventative", "lm_replay"]
+    k = bd.arm_config(bench, bd.Arm("prevk+lm-b1", 0.005))
+    assert k.steer_coefficient == 0.005 and k.replay_batch_size == 1
     prev_lm = bd.arm_config(bench, bd.Arm("prev+lm", 0.5))
     assert prev_lm.method == ["preventative", "lm_replay"] and prev_lm.weights() == {"preventative": 1.0,
                                                                                      "lm_replay": 0.5}
