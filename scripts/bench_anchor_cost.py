@@ -34,6 +34,7 @@ from bench_overhead import (  # the shared timing helpers of the overhead benchm
     bench_axis,
     fmt_spread,
     fresh_process_runner,
+    interleaved,
     plot_ratio_bars,
     save_figure,
     spread,
@@ -91,13 +92,12 @@ def main(argv: list[str] | None = None) -> int:
 
     composition = "+".join(AnchorConfig().method)
     runs: list[dict] = []
-    for rep in range(args.reps):
-        for label in (labels if rep % 2 == 0 else labels[::-1]):
-            fields = CONFIGS[label]
-            run = pool(train_run, args, axis_path, None if fields is None else composition, args.steps, fields=fields)
-            runs.append({"rep": rep, "label": label, **run})
-            print(f"rep {rep} {label:32s} mean step {mean_step(run, args.warmup):.3f} s, set-up {run['setup_s']:.1f} s"
-                  f"  [{uptime()}]", flush=True)
+    for rep, label in interleaved(labels, args.reps):
+        fields = CONFIGS[label]
+        run = pool(train_run, args, axis_path, None if fields is None else composition, args.steps, fields=fields)
+        runs.append({"rep": rep, "label": label, **run})
+        print(f"rep {rep} {label:32s} mean step {mean_step(run, args.warmup):.3f} s, set-up {run['setup_s']:.1f} s"
+              f"  [{uptime()}]", flush=True)
     plain = {r["rep"]: r for r in runs if r["label"] == "plain"}
     rows = []
     for label in labels:

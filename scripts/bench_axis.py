@@ -39,6 +39,7 @@ from typing import ClassVar
 from unittest import mock
 
 import torch
+from bench_overhead import interleaved
 
 import anchor.extract as ex
 from anchor import AssistantAxis, compute_axis, load_model
@@ -124,15 +125,14 @@ def speed(args: argparse.Namespace) -> None:
     result = {**machine(), "personas": len(personas), "questions": len(questions),
               "max_new_tokens": args.max_new_tokens, "answers": len(personas) * len(questions), "runs": {}}
     means = {}
-    for rep in range(args.repeats):
-        for name in (list(arms) if rep % 2 == 0 else list(arms)[::-1]):
-            run, settings_type, batch, patch = arms[name]
-            settings = settings_type("generate", args.max_new_tokens, 0.0, batch, 0)
-            with tempfile.TemporaryDirectory() as tmp, patch or contextlib.nullcontext():
-                paths, wall, cores = timed(run, model, tokenizer, personas, questions, tmp, settings, progress=False)
-                means[name] = torch.cat([ex.load_shard(p).means for p in paths])
-            result["runs"].setdefault(name, []).append({"seconds": round(wall, 2), "cores": round(cores, 2)})
-            print(f"{name:45s} {wall:6.1f} s  {cores:.2f} cores", flush=True)
+    for _, name in interleaved(list(arms), args.repeats):
+        run, settings_type, batch, patch = arms[name]
+        settings = settings_type("generate", args.max_new_tokens, 0.0, batch, 0)
+        with tempfile.TemporaryDirectory() as tmp, patch or contextlib.nullcontext():
+            paths, wall, cores = timed(run, model, tokenizer, personas, questions, tmp, settings, progress=False)
+            means[name] = torch.cat([ex.load_shard(p).means for p in paths])
+        result["runs"].setdefault(name, []).append({"seconds": round(wall, 2), "cores": round(cores, 2)})
+        print(f"{name:45s} {wall:6.1f} s  {cores:.2f} cores", flush=True)
     first = next(iter(means.values()))
     result["max_abs_diff_to_previous"] = max(float((m - first).abs().max()) for m in means.values())
     result["uptime_at_end"] = uptime()

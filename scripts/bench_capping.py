@@ -23,7 +23,16 @@ import time
 from pathlib import Path
 
 import torch
-from bench_overhead import bench_axis, fmt_spread, plot_ratio_bars, save_figure, spread, uptime, verdict
+from bench_overhead import (
+    bench_axis,
+    fmt_spread,
+    interleaved,
+    plot_ratio_bars,
+    save_figure,
+    spread,
+    uptime,
+    verdict,
+)
 
 from anchor.axis import AssistantAxis
 from anchor.capping import attach_cap
@@ -81,15 +90,13 @@ def main() -> None:
         _generate(model, tokenizer, ids, mask, 8)  # warm-up
         times: dict[str, list[float]] = {"uncapped": [], "capped": []}
         cpu: dict[str, list[float]] = {"uncapped": [], "capped": []}
-        for rep in range(args.reps):
-            order = ("uncapped", "capped") if rep % 2 == 0 else ("capped", "uncapped")
-            for arm in order:
-                handle = attach_cap(model, axis) if arm == "capped" else None
-                wall, used = _generate(model, tokenizer, ids, mask, args.new_tokens)
-                times[arm].append(wall)
-                cpu[arm].append(used)
-                if handle:
-                    handle.detach()
+        for _, arm in interleaved(("uncapped", "capped"), args.reps):
+            handle = attach_cap(model, axis) if arm == "capped" else None
+            wall, used = _generate(model, tokenizer, ids, mask, args.new_tokens)
+            times[arm].append(wall)
+            cpu[arm].append(used)
+            if handle:
+                handle.detach()
         tokens = batch * args.new_tokens
         ratio = spread([u / c for u, c in zip(times["uncapped"], times["capped"], strict=True)])
         rows.append({

@@ -38,13 +38,15 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import TypeVar
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "scripts" / "results"
 TARGETS = {"time": 1.02, "memory": 1.01}
 PRELOAD = ["torch", "transformers", "datasets", "trl", "anchor.callback", "anchor.chat"]
+T = TypeVar("T")
 
 
 def add_run_args(p: argparse.ArgumentParser) -> None:
@@ -256,6 +258,14 @@ def train_run(args: argparse.Namespace, axis_path: str, method: str | None, step
             "peak_bytes": peak, "threads": torch.get_num_threads(), "probe_every": probe_every}
 
 
+def interleaved(order: Sequence[T], reps: int) -> Iterator[tuple[int, T]]:
+    """``(repetition, item)`` pairs: ``order`` on even repetitions and reversed on odd ones, so a slow drift of the
+    machine (heat, a neighbour's job) falls on every item alike instead of on whichever runs last."""
+    for rep in range(reps):
+        for item in (order if rep % 2 == 0 else order[::-1]):
+            yield rep, item
+
+
 def steady(run: dict, warmup: int) -> float:
     """Median step time after the warm-up steps."""
     return statistics.median(run["step_times"][warmup:])
@@ -280,15 +290,14 @@ def method_overhead(args: argparse.Namespace, pool: Callable, axis_path: str, me
     replays = {name for name, what in extra.items() if what and "replayed batch" in what}
     order = ["plain", *sorted(methods, key=lambda m: (m in replays, extra[m] is not None, m))]
     runs: list[dict] = []
-    for rep in range(args.reps):
-        for name in (order if rep % 2 == 0 else order[::-1]):
-            if name in replays and rep >= args.replay_reps:
-                continue
-            run = pool(train_run, args, axis_path, None if name == "plain" else name,
-                       args.replay_steps if name in replays else args.steps)
-            runs.append({"rep": rep, **run})
-            print(f"rep {rep} {name:12s} step {steady(run, args.warmup):.3f} s, set-up {run['setup_s']:.1f} s, "
-                  f"peak {run['peak_bytes'] / 2**20:.0f} MiB  [{uptime()}]", flush=True)
+    for rep, name in interleaved(order, args.reps):
+        if name in replays and rep >= args.replay_reps:
+            continue
+        run = pool(train_run, args, axis_path, None if name == "plain" else name,
+                   args.replay_steps if name in replays else args.steps)
+        runs.append({"rep": rep, **run})
+        print(f"rep {rep} {name:12s} step {steady(run, args.warmup):.3f} s, set-up {run['setup_s']:.1f} s, "
+              f"peak {run['peak_bytes'] / 2**20:.0f} MiB  [{uptime()}]", flush=True)
     plain = {r["rep"]: r for r in runs if r["method"] == "plain"}
     rows = []
     for name in order:
@@ -351,13 +360,12 @@ def monitor_overhead(args: argparse.Namespace, axis_path: str) -> list[dict]:
         tokens = sum(map(len, decoder.reply([encode_prompt(tokenizer, c) for c in conversations], n)))
         times: dict[str, list[float]] = {"without": [], "with": []}
         replies: dict[str, list[str]] = {}
-        for rep in range(args.monitor_reps):
-            for arm in (("without", "with") if rep % 2 == 0 else ("with", "without")):
-                start = time.perf_counter()
-                replies[arm] = arms[arm](conversations, batch)
-                if gpu:
-                    torch.cuda.synchronize()
-                times[arm].append(time.perf_counter() - start)
+        for _, arm in interleaved(("without", "with"), args.monitor_reps):
+            start = time.perf_counter()
+            replies[arm] = arms[arm](conversations, batch)
+            if gpu:
+                torch.cuda.synchronize()
+            times[arm].append(time.perf_counter() - start)
         if replies["with"] != replies["without"]:
             raise RuntimeError("the monitor changed the replies: it must only read.")
         rows.append({

@@ -51,3 +51,11 @@ def test_the_table_states_each_verdict(tmp_path):
     assert "meets ≤ 1.2" in table and "noise-bound: 1.10–1.30 straddles 1.2" in table
     assert json.loads((tmp_path / "bench_anchor_cost_cpu.json").read_text())["rows"][1]["config"] == "a"
     assert (tmp_path / "bench_anchor_cost_cpu.png").stat().st_size > 0
+
+
+def test_repetitions_alternate_the_order_so_drift_falls_on_every_configuration():
+    from bench_overhead import interleaved
+
+    assert list(interleaved(["plain", "a", "b"], 3)) == [
+        (0, "plain"), (0, "a"), (0, "b"), (1, "b"), (1, "a"), (1, "plain"), (2, "plain"), (2, "a"), (2, "b")]
+    assert list(interleaved(("x",), 0)) == []
