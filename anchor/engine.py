@@ -186,6 +186,11 @@ class Anchor:
             m.start_step(self, step)
 
     @property
+    def step_term_due(self) -> bool:
+        """Whether this optimizer step adds the once-per-step terms (every ``replay_every``-th step)."""
+        return self._step % self.config.replay_every == 0
+
+    @property
     def device(self) -> torch.device:
         return next(self.base.parameters()).device
 
@@ -225,11 +230,11 @@ class Anchor:
             m.before_forward(self, inputs)
         if self._step_due:
             self._step_due = False
-            every = self.config.replay_every
-            for m in active if self._step % every == 0 else ():
+            for m in active if self.step_term_due else ():
                 term = m.step_loss(self)
                 if term is not None:
-                    self._add_pending(self._finite(term, f"{m.name} term") * (self.weight * m.weight * every))
+                    scale = self.weight * m.weight * self.config.replay_every
+                    self._add_pending(self._finite(term, f"{m.name} term") * scale)
         return None
 
     def _add_pending(self, term: torch.Tensor) -> None:

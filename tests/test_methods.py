@@ -333,3 +333,17 @@ def test_replay_every_adds_the_term_n_times_on_every_nth_step_and_nothing_betwee
     assert torch.equal(grads(2 * every + 1), plain)  # between due steps: bit-identical to no anchor
     with pytest.raises(ValueError, match="replay_every"):
         AnchorConfig(method="lm_replay", replay_every=0)
+
+
+def test_lm_replay_draws_its_rows_only_on_the_steps_that_use_them(tiny_tokenizer, tiny_axis):
+    ids, attention, answer = _answers(len(tiny_tokenizer))
+    config = AnchorConfig(method="lm_replay", layers=LAYERS, replay_every=3, replay_batch_size=1, probe_every=0)
+    anchor = Anchor(make_tiny_model(tiny_tokenizer), tiny_axis, config)
+    anchor.run = SimpleNamespace(seed=0, process_index=0)
+    replay = anchor.method("lm_replay")
+    replay.pool = {"input_ids": ids, "attention_mask": attention, "answer_mask": answer}
+    anchor.start_step(4)
+    assert not anchor.step_term_due and replay.batch is None
+    anchor.start_step(6)
+    assert anchor.step_term_due and replay.batch["input_ids"].shape[0] == 1
+    anchor.detach()

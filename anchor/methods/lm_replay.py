@@ -72,7 +72,7 @@ class LMReplay(AnchorMethod):
         self.batch = {"input_ids": input_ids, "attention_mask": attention_mask, "answer_mask": answer_mask.bool()}
 
     def start_step(self, engine: Anchor, step: int) -> None:
-        if self.pool is None:
+        if self.pool is None or not engine.step_term_due:  # off a replay_every cycle the batch would go unused
             return
         n = self.pool["input_ids"].shape[0]
         rng = random.Random(f"anchor-lm-replay-{engine.run.seed}-{step}-{engine.run.process_index}")
