@@ -35,7 +35,7 @@ from transformers.trainer_callback import ExportableState
 from anchor import dashboards
 from anchor.axis import AssistantAxis, cached_axis
 from anchor.config import AnchorConfig
-from anchor.engine import Anchor, default_layers
+from anchor.engine import Anchor
 from anchor.hooks import check_layers
 from anchor.methods import RunContext
 from anchor.models import decoder_layers, unwrap
@@ -143,19 +143,19 @@ class AnchorCallback(TrainerCallback, ExportableState):
         else:
             self.axis = self._given_axis or self._load_axis(model, tokenizer, args)
             self.axis.check_compatible(model, check_weights=cfg.axis_check_weights)
-        try:
-            layers = check_layers(saved.layers if saved else cfg.layers or default_layers(self.axis),
-                                  self.axis.n_layers)
-        except ValueError as err:
-            raise ValueError(f"AnchorConfig.layers: {err}") from None
+        given = saved.config.get("layers") if saved else cfg.layers  # None: the engine chooses the default band
+        if given is not None:  # checked before the reference copy, with the field's name
+            try:
+                given = check_layers(saved.layers if saved else given, self.axis.n_layers)
+            except ValueError as err:
+                raise ValueError(f"AnchorConfig.layers: {err}") from None
         # The policy's forward runs under the trainer's autocast (TRL configs default to bf16); so does the reference.
         autocast = getattr(getattr(self.trainer, "accelerator", None), "autocast", None)
         reference = training_reference(model, cfg, resumed=saved is not None, autocast=autocast,
                                        fingerprint=self.axis.metadata.get("fingerprint"))
         run = RunContext(model=unwrap(model), tokenizer=tokenizer, seed=args.seed, process_index=args.process_index,
                          progress=args.process_index == 0, resumed=saved is not None)
-        given = saved.config.get("layers") if saved else cfg.layers  # None: the default band, chosen again
-        self.anchor = Anchor(model, self.axis, cfg, layers if given is not None else None,
+        self.anchor = Anchor(model, self.axis, cfg, given,
                              self._weight_at(state.global_step), reference=reference,
                              grad_accumulation=args.gradient_accumulation_steps, grad_scale=_grad_scale(optimizer),
                              run=run)
@@ -164,7 +164,7 @@ class AnchorCallback(TrainerCallback, ExportableState):
         if saved is not None:
             self.anchor.tau = dict(saved.tau)  # τ exactly as the run started with it
             self.anchor.load_state_dict(saved.method_tensors(), saved.methods)
-        self._log_layers(layers, chosen=not (saved or cfg.layers))
+        self._log_layers(self.anchor.layers, chosen=not self.anchor.layers_given)
         self.anchor.setup(run)
         self.probes = self._probe_monitor(model, tokenizer, reference, saved) if cfg.probe_every else None
 

@@ -535,6 +535,16 @@ def test_default_layers_are_announced_with_the_reason(tiny_tokenizer, tiny_axis,
     assert f"preventative at its own layers {middle_third(tiny_axis.n_layers)}" in line
 
 
+def test_layers_out_of_range_are_refused_by_their_field_name_before_training(tiny_tokenizer, tiny_axis, tmp_path):
+    model = make_tiny_model(tiny_tokenizer)
+    before = _flat(model)
+    trainer = _sft(tiny_tokenizer, tmp_path, [AnchorCallback(AnchorConfig(layers=[1, 9]), axis=tiny_axis)],
+                   model=model, max_steps=1)
+    with pytest.raises(ValueError, match=r"AnchorConfig.layers: layers \[9\] are out of range"):
+        trainer.train()
+    assert torch.equal(_flat(model), before)
+
+
 @pytest.mark.parametrize("method", ["floor", "match"])
 def test_bf16_autocast_on_cpu_trains_with_finite_anchor_metrics(tiny_tokenizer, tiny_axis, tmp_path, method):
     """Under the trainer's bf16 autocast the penalty is read in fp32 and the reference runs at the same precision."""
