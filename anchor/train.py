@@ -208,15 +208,13 @@ def _data_settings(args: RecipeArguments) -> dict[str, Any]:
 
 
 def prepare_persona_data(args: RecipeArguments, model: nn.Module, tokenizer: object,
-                         axis: AssistantAxis | None) -> PersonaData:
+                         axis: AssistantAxis | None, zero3: bool = False) -> PersonaData:
     """The persona data in ``args.dataset``: read it, or (main process first) build it there from the model.
 
     The roles are ``args.persona_role_names``, or the farthest from the Assistant on ``axis`` (the user's bundle), or
     else on the role-search axis (:data:`anchor.data.ROLE_SEARCH`): the on-the-fly training axis samples too few
-    roles to search."""
-    from transformers.integrations import is_deepspeed_zero3_enabled
-
-    zero3 = is_deepspeed_zero3_enabled()
+    roles to search. Under DeepSpeed ZeRO-3 (``zero3``, as :func:`train` found it) the model cannot run before the
+    trainer, so there is no role search."""
     directory = Path(args.dataset)
     with _state().main_process_first():
         if not (directory / "data_config.json").is_file():
@@ -349,7 +347,8 @@ def train(script_args: RecipeArguments, training_args: Any, model_args: Any, anc
         model.to(training_args.device)
     axis = None if zero3 else resolve_axis(model, tokenizer, anchor_config, progress=state.is_main_process)
     bundle = axis if anchor_config.axis else None  # a role search reads the user's bundle, never the on-the-fly axis
-    persona = prepare_persona_data(script_args, model, tokenizer, bundle) if _is_data_dir(script_args.dataset) else None
+    persona = (prepare_persona_data(script_args, model, tokenizer, bundle, zero3)
+               if _is_data_dir(script_args.dataset) else None)
     train_ds, eval_ds = load_datasets(script_args, training_args, persona)
 
     callback = AnchorCallback(anchor_config, axis=axis) if script_args.anchor else None
