@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 from anchor.axis import AssistantAxis
 from anchor.capping import DEFAULT_BAND, Cap, band_layers
 from anchor.extract import ExtractionSettings, run_batch
-from anchor.hooks import LayerHooks, check_layers
+from anchor.hooks import ProjectionRecorder, check_layers
 from anchor.io import atomic_write, atomic_write_json, atomic_write_text, nan_to_none
 from anchor.models import fingerprint, model_id
 from anchor.personas import load_probes, load_questions, load_role_records
@@ -242,20 +242,6 @@ def _answer(
     return _Answers(batches, len(encoded))
 
 
-class _ProjectionReader:
-    """Projection of every layer's output on the axis, read after any cap (hooks run in registration order)."""
-
-    def __init__(self, axis: AssistantAxis, device: torch.device):
-        self.unit = axis.unit.to(device)
-        self.proj: dict[int, torch.Tensor] = {}
-
-    def __call__(self, layer: int, hidden: torch.Tensor) -> None:
-        self.proj[layer] = hidden.float() @ self.unit[layer]
-
-    def stacked(self) -> torch.Tensor:
-        return torch.stack([self.proj[i] for i in sorted(self.proj)], dim=-1)  # [B, T, L]
-
-
 @torch.no_grad()
 def _forward(
     model: nn.Module, axis: AssistantAxis, batch: tuple[torch.Tensor, ...], candidate: Candidate | None
@@ -263,14 +249,13 @@ def _forward(
     """Per-layer projections ``[B, T, L]`` and logits, with ``candidate``'s cap attached (None: uncapped)."""
     ids, attention, _ = batch
     cap = Cap(model, axis, candidate.tau, candidate.percentile) if candidate else None
-    reader = _ProjectionReader(axis, ids.device)
-    try:
-        with LayerHooks(model, range(axis.n_layers), reader, axis.metadata.get("layers_path")):
+    try:  # registered after the cap, the recorder reads its result
+        with ProjectionRecorder(model, axis.unit, range(axis.n_layers), axis.metadata.get("layers_path")) as reader:
             logits = model(input_ids=ids, attention_mask=attention, use_cache=False).logits
     finally:
         if cap is not None:
             cap.detach()
-    return reader.stacked(), logits
+    return torch.stack([reader.proj[i] for i in sorted(reader.proj)], dim=-1), logits  # [B, T, L]
 
 
 def _next_token_logprobs(logits: torch.Tensor, response: torch.Tensor) -> torch.Tensor:
