@@ -158,6 +158,6 @@ def test_recipe_data_without_roles_or_bundle_uses_the_role_search(tmp_path, monk
     train.prepare_persona_data(args, make_tiny_model(tiny_tokenizer), tiny_tokenizer, tiny_axis)  # a user bundle
     assert searched == [tiny_axis]
     searched.clear()
-    with pytest.raises(RuntimeError, match="cannot be computed before training under DeepSpeed ZeRO-3.*anchor data"):
+    with pytest.raises(RuntimeError, match=r"cannot be computed before training under DeepSpeed ZeRO-3.*anchor data"):
         train.prepare_persona_data(args, make_tiny_model(tiny_tokenizer), tiny_tokenizer, None, zero3=True)
     assert searched == []  # no role search ran on a model ZeRO-3 has partitioned
