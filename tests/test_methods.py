@@ -339,7 +339,6 @@ def test_lm_replay_draws_its_rows_only_on_the_steps_that_use_them(tiny_tokenizer
     ids, attention, answer = _answers(len(tiny_tokenizer))
     config = AnchorConfig(method="lm_replay", layers=LAYERS, replay_every=3, replay_batch_size=1, probe_every=0)
     anchor = Anchor(make_tiny_model(tiny_tokenizer), tiny_axis, config)
-    anchor.run = SimpleNamespace(seed=0, process_index=0)
     replay = anchor.method("lm_replay")
     replay.pool = {"input_ids": ids, "attention_mask": attention, "answer_mask": answer}
     anchor.start_step(4)
