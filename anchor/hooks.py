@@ -95,9 +95,15 @@ class ProjectionRecorder(LayerHooks):
                  to_cpu: bool = False):
         self.proj: dict[int, torch.Tensor] = {}
         self._unit = unit.float()
+        # Each layer's unit vector on the device its hidden state is on, copied there once: layers of one model may
+        # sit on several devices (device_map), and a copy per layer per forward would be a host-to-device transfer.
+        self._on_device: dict[tuple[int, torch.device], torch.Tensor] = {}
         self._to_cpu = to_cpu
         super().__init__(model, layers, self._record, layers_path)
 
     def _record(self, layer: int, hidden: torch.Tensor) -> None:
-        values = hidden.detach().float() @ self._unit[layer].to(hidden.device)
+        key = (layer, hidden.device)
+        if key not in self._on_device:
+            self._on_device[key] = self._unit[layer].to(hidden.device)
+        values = hidden.detach().float() @ self._on_device[key]
         self.proj[layer] = values.cpu() if self._to_cpu else values

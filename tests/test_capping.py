@@ -17,7 +17,7 @@ from anchor.capping import (
     default_cap_layers,
     steer,
 )
-from anchor.hooks import LayerHooks
+from anchor.hooks import LayerHooks, ProjectionRecorder
 from anchor.spans import encode_prompt
 from tests.conftest import make_tiny_model
 
@@ -70,6 +70,20 @@ def test_floor_holds_at_every_capped_layer(tiny_model, tiny_tokenizer, tiny_axis
         plain.hooks.detach()
     below = _proj(tiny_axis, plain.out[layers[0]], layers[0]) < c.tau[layers[0]]
     assert below.any() and not below.all(), "the test needs tokens on both sides of the floor"
+
+
+def test_projection_recorder_reads_the_unit_projection_and_copies_each_unit_once(tiny_model, tiny_tokenizer,
+                                                                                tiny_axis):
+    ids = _ids(tiny_tokenizer)
+    layers = [0, 2]
+    reader = Reader(tiny_model, layers)
+    with ProjectionRecorder(tiny_model, tiny_axis.unit, layers) as rec, torch.no_grad():
+        for _ in range(2):
+            tiny_model(ids)
+            for i in layers:
+                assert torch.allclose(rec.proj[i], _proj(tiny_axis, reader.out[i], i).float(), atol=1e-5)
+        assert sorted(rec._on_device) == [(i, torch.device("cpu")) for i in layers]  # one copy per layer
+    reader.hooks.detach()
 
 
 def test_tokens_above_floor_bit_identical_and_lift_along_axis(tiny_model, tiny_tokenizer, tiny_axis):
