@@ -246,7 +246,8 @@ def variant_settings(name: str) -> dict:
 
 
 def variants(args: argparse.Namespace) -> None:
-    """Each variant's full compute_axis, timed; repeats interleaved (and reversed every other time)."""
+    """Each variant's full compute_axis, timed; repeats interleaved (and reversed every other time), each repetition
+    opening with a speed probe of the machine."""
     model, tokenizer = load_model("smollm2", device=args.device)
     ref = AssistantAxis.from_pretrained(REFERENCE_DIR)
     ref.check_compatible(model)
@@ -259,20 +260,20 @@ def variants(args: argparse.Namespace) -> None:
     if earlier.is_file():  # rows not re-timed now keep their earlier runs (each run records its own uptime)
         kept = json.loads(earlier.read_text())["variants"]
         result["earlier"] = {name: row for name, row in kept.items() if name not in names}
-    for rep in range(args.repeats):
-        probe = ex.PROBE_SECONDS / ex.relative_speed(model, tokenizer)
-        result.setdefault("probe_seconds", []).append(round(probe, 3))
-        print(f"speed probe {probe:.2f} s", flush=True)
-        for name in (names if rep % 2 == 0 else names[::-1]):
-            settings = variant_settings(name)
-            with tempfile.TemporaryDirectory() as tmp:
-                axis, wall, cores = timed(compute_axis, model, tokenizer, out_dir=tmp, batch_size=BATCH,
-                                          progress=False, seed=args.seed, **settings)
-            row = result["variants"].setdefault(name, {
-                "settings": settings, "n_answers": axis.metadata["n_answers"],
-                **score(axis.axis, axis.role_vectors, axis.role_names, ref), "runs": []})
-            row["runs"].append({"seconds": round(wall, 2), "cores": round(cores, 2), "uptime": uptime()})
-            print(f"{name:20s} {wall:6.1f} s  {cores:.2f} cores  cos(middle) {row['cos_middle_mean']:.3f}", flush=True)
+    probes: list[float] = result.setdefault("probe_seconds", [])
+    for rep, name in interleaved(names, args.repeats):
+        if len(probes) == rep:  # each repetition opens with a speed probe of the machine
+            probes.append(round(ex.PROBE_SECONDS / ex.relative_speed(model, tokenizer), 3))
+            print(f"speed probe {probes[-1]:.2f} s", flush=True)
+        settings = variant_settings(name)
+        with tempfile.TemporaryDirectory() as tmp:
+            axis, wall, cores = timed(compute_axis, model, tokenizer, out_dir=tmp, batch_size=BATCH,
+                                      progress=False, seed=args.seed, **settings)
+        row = result["variants"].setdefault(name, {
+            "settings": settings, "n_answers": axis.metadata["n_answers"],
+            **score(axis.axis, axis.role_vectors, axis.role_names, ref), "runs": []})
+        row["runs"].append({"seconds": round(wall, 2), "cores": round(cores, 2), "uptime": uptime()})
+        print(f"{name:20s} {wall:6.1f} s  {cores:.2f} cores  cos(middle) {row['cos_middle_mean']:.3f}", flush=True)
     for row in result["variants"].values():
         row["seconds"] = round(statistics.median(r["seconds"] for r in row["runs"]), 1)
     result["uptime_at_end"] = uptime()
