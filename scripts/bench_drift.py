@@ -37,7 +37,11 @@ training data (the held-out questions of ``anchor.data`` plus the shipped probes
   prompt), averaged over the training roles (higher = more role-like), as a change from the base model's own
   answers, with the standard error over seeds and answers;
 * **task loss**: NLL of the held-out in-role SFT answers (what the fine-tune was for);
-* **base-answer loss**: NLL of the base model's own greedy default answers (capability kept).
+* **base-answer loss**: NLL of the base model's own greedy default answers (capability kept);
+* ``dpo`` only, **held-out preference**: on the held-out preference pairs, the change from the base model of
+  log π(chosen) − log π(rejected) (summed over each answer's tokens: DPO's implicit reward margin over β), and the
+  share of pairs where it rose (DPO's reward accuracy). The chosen answers' loss alone does not say whether the
+  preference was learnt: DPO lowers the likelihood of both answers.
 
 Target: an arm keeps behavioural drift and the projection drift at *every* layer within 20% of unanchored (either
 sign), with task loss at most 5% above unanchored.
@@ -226,6 +230,7 @@ class Measurement:
     role_likeness: torch.Tensor  # [M] under the frozen base model; higher = more role-like
     task_loss: float
     base_answer_loss: float
+    preference: torch.Tensor | None = None  # [P] dpo: log π(chosen) − log π(rejected) per held-out pair
 
 
 def encode_sft(tokenizer: Any, messages: list[dict[str, str]]) -> tuple[list[int], list[int]]:
@@ -308,6 +313,14 @@ class Bench:
         self.train_rows = [dict(zip(("prompt", "completion"), encode_sft(tokenizer, m), strict=True))
                            for m in self.train_messages]
         self.dpo_rows = [{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in data.dpo_train]
+        pairs = [(encode_sft(tokenizer, [*r["prompt"], *r["chosen"]]), encode_sft(tokenizer, [*r["prompt"],
+                                                                                           *r["rejected"]]))
+                 for r in data.dpo_heldout] if cfg.scenario == "dpo" else []
+        if cfg.scenario == "dpo" and not pairs:
+            raise ValueError("The dpo scenario reads the preference on held-out pairs, and the persona data has none "
+                             "(dpo_heldout is empty): build it with a heldout_fraction above 0.")
+        self.pref_prompts = [c[0] for c, _ in pairs]
+        self.pref_chosen, self.pref_rejected = [c[1] for c, _ in pairs], [r[1] for _, r in pairs]
         self.inoculated_rows = [] if cfg.scenario in ("conditional", "dpo") else [
             dict(zip(("prompt", "completion"), encode_sft(tokenizer, inoculated(m)), strict=True))
             for m in self.train_messages]
@@ -376,7 +389,18 @@ class Bench:
         task = answer_nll(model, self.task_prompts, self.task_answers, cfg.gen_batch_size, pad)
         reference = answers if base_answers is None else base_answers
         kept = answer_nll(model, self.prompts, reference, cfg.gen_batch_size, pad)
-        return Measurement(answers, proj, score, float(task.nanmean()), float(kept.nanmean()))
+        preference = self.preference(model) if self.pref_prompts else None
+        return Measurement(answers, proj, score, float(task.nanmean()), float(kept.nanmean()), preference)
+
+    def preference(self, model: nn.Module) -> torch.Tensor:
+        """log π(chosen) − log π(rejected) of each held-out preference pair, summed over the answer tokens, [P]."""
+        cfg, pad = self.cfg, self.tok.pad_token_id
+
+        def logp(answers: list[list[int]]) -> torch.Tensor:
+            mean_nll = answer_nll(model, self.pref_prompts, answers, cfg.gen_batch_size, pad)
+            return -mean_nll * torch.tensor([len(a) for a in answers], dtype=mean_nll.dtype)
+
+        return logp(self.pref_chosen) - logp(self.pref_rejected)
 
     def trigger_leak(self, model: nn.Module) -> torch.Tensor:
         """Role-likeness change of ``model``'s answers when the inoculation prompt *is* given, per prompt."""
@@ -474,6 +498,12 @@ def run_record(bench: Bench, arm: Arm, seed: int, m: Measurement, train_s: float
     d_proj = (m.proj - base.proj) / bench.gap  # [M, L] in gaps
     d_behav = m.role_likeness - base.role_likeness  # [M]
     behav, behav_sem = _mean_sem(d_behav)
+    preference: dict[str, float] = {}
+    if m.preference is not None:  # the implicit reward margin over β, against the base model (the DPO reference)
+        margin = m.preference - base.preference
+        mean, sem = _mean_sem(margin)
+        preference = {"preference_margin": mean, "preference_margin_sem": sem,
+                      "preference_accuracy": float((margin > 0).double().mean())}
     return {
         "arm": arm.name, "method": arm.method, "strength": arm.strength, "kind": arm.kind, "seed": seed,
         "train_s": round(train_s, 2), "measure_s": round(measure_s, 2), "final_train_loss": final_loss,
@@ -481,7 +511,7 @@ def run_record(bench: Bench, arm: Arm, seed: int, m: Measurement, train_s: float
         "proj_drift_gaps": [float(v) for v in d_proj.nanmean(dim=0)],
         "task_loss": m.task_loss, "base_answer_loss": m.base_answer_loss,
         "sample_answers": [bench.tok.decode(a) for a in m.answers[:3]],
-        "_d_proj": d_proj, "_d_behav": d_behav, "_sources": bench.sources,
+        "_d_proj": d_proj, "_d_behav": d_behav, "_sources": bench.sources, **preference,
     }
 
 
@@ -505,8 +535,9 @@ def summarise_arm(runs: list[dict[str, Any]]) -> dict[str, Any]:
         "task_loss": float(task.mean()), "task_loss_sem": _mean_sem(task)[1],
         "base_answer_loss": float(kept.mean()), "base_answer_loss_sem": _mean_sem(kept)[1],
         "train_s": sum(r["train_s"] for r in runs) / len(runs),
-        **({"trigger_leak_drift": sum(r["trigger_leak_drift"] for r in runs) / len(runs)}
-           if all("trigger_leak_drift" in r for r in runs) else {}),
+        **{key: sum(r[key] for r in runs) / len(runs) for key in ("trigger_leak_drift", "preference_margin",
+                                                                  "preference_accuracy")
+           if all(key in r for r in runs)},
     }
 
 
@@ -671,6 +702,13 @@ def markdown(report: dict[str, Any]) -> str:
             f"{_fmt(c.get('task_loss_change_pct'), '+.1f')}% | {_fmt(a['base_answer_loss'])} | "
             f"{_fmt(c.get('train_time_ratio'), '.2f')} | "
             f"{'-' if unanchored else ('**yes**' if c.get('meets_target') else 'no')} |")
+    preferring = [a for a in report["arms"] if "preference_margin" in a]
+    if preferring:
+        lines += ["", f"Held-out preference ({data['n_pref_pairs']} pairs, mean over seeds): change from the base "
+                  "model of log π(chosen) − log π(rejected), nats summed per answer (DPO's implicit reward margin "
+                  "over β), and the share of pairs where it rose (reward accuracy): "
+                  + ", ".join(f"{a['arm']} {_fmt(a['preference_margin'], '+.2f')} "
+                              f"({_fmt(100 * a['preference_accuracy'], '.0f')}%)" for a in preferring) + "."]
     leaks = [a for a in report["arms"] if "trigger_leak_drift" in a]
     if leaks:
         lines += ["", "Trigger leak (behavioural drift with the inoculation prompt given at test time, nats/token): "
@@ -752,20 +790,43 @@ def write_outputs(report: dict[str, Any], stem: Path, runs: list[dict[str, Any]]
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def resumable_runs(bench: Bench, stem: Path, meta: dict[str, Any]) -> list[dict[str, Any]]:
-    """The finished runs of an earlier invocation with the same configuration (arms and budget aside) and data,
-    for the arms asked for now: a benchmark cut short, or extended by more arms, never redoes a finished run."""
-    path, tensors_path = stem.with_suffix(".json"), stem.with_suffix(".runs.safetensors")
-    if not (path.is_file() and tensors_path.is_file()):
-        return []
+def earlier_differences(stem: Path, config: dict[str, Any], data: dict[str, Any] | None = None) -> list[str] | None:
+    """None when no results are at ``stem``; else what keeps them from being resumed under ``config`` (arms and
+    budget aside) and ``data`` (not compared when None): the differing keys, empty when they can be resumed."""
+    path = stem.with_suffix(".json")
+    if not path.is_file():
+        return None
     earlier = json.loads(path.read_text())
+    old = {k: v for k, v in earlier.get("config", {}).items() if k not in ("arms", "budget_s")}
+    new = {k: v for k, v in config.items() if k not in ("arms", "budget_s")}
+    differ = [f"config.{k}" for k in sorted(old.keys() | new.keys()) if old.get(k) != new.get(k)]
+    if data is not None:
+        old_data = earlier.get("data") or {}
+        differ += [f"data.{k}" for k in sorted(old_data.keys() | data.keys()) if old_data.get(k) != data.get(k)]
+    if not stem.with_suffix(".runs.safetensors").is_file():
+        differ.append(f"{stem.with_suffix('.runs.safetensors').name} (the per-answer differences) is missing")
+    return differ
 
-    def same(config: dict[str, Any]) -> dict[str, Any]:
-        return {k: v for k, v in config.items() if k not in ("arms", "budget_s")}
 
-    if same(earlier.get("config", {})) != same(meta["config"]) or earlier.get("data") != meta["data"]:
+def check_no_overwrite(stem: Path, config: dict[str, Any], data: dict[str, Any] | None = None) -> None:
+    """Refuse to write over earlier results that cannot be resumed: a user's finished runs are never lost."""
+    differ = earlier_differences(stem, config, data)
+    if differ:
+        raise ValueError(f"{stem.with_suffix('.json')} holds results that this invocation cannot resume (differs: "
+                         f"{', '.join(differ)}) and would overwrite. Pass --tag NAME to write beside them, or "
+                         "--overwrite to replace them.")
+
+
+def resumable_runs(bench: Bench, stem: Path, meta: dict[str, Any], overwrite: bool = False) -> list[dict[str, Any]]:
+    """The finished runs of an earlier invocation with the same configuration (arms and budget aside) and data,
+    for the arms asked for now: a benchmark cut short, or extended by more arms, never redoes a finished run.
+    Earlier results of another configuration raise (:func:`check_no_overwrite`) unless ``overwrite``."""
+    differ = earlier_differences(stem, meta["config"], meta["data"])
+    if differ is None or (differ and overwrite):
         return []
-    tensors = load_file(str(tensors_path))
+    check_no_overwrite(stem, meta["config"], meta["data"])
+    earlier = json.loads(stem.with_suffix(".json").read_text())
+    tensors = load_file(str(stem.with_suffix(".runs.safetensors")))
     wanted = {a.name for a in bench.cfg.arms}
     runs = [{**r, "_d_proj": tensors[f"{r['arm']}/{r['seed']}/d_proj"],
              "_d_behav": tensors[f"{r['arm']}/{r['seed']}/d_behav"], "_sources": bench.sources}
@@ -775,11 +836,11 @@ def resumable_runs(bench: Bench, stem: Path, meta: dict[str, Any]) -> list[dict[
 
 
 def run_bench(bench: Bench, stem: Path, meta: dict[str, Any], start: float,
-              log: Callable[[str], None] = print) -> dict[str, Any]:
+              log: Callable[[str], None] = print, overwrite: bool = False) -> dict[str, Any]:
     """Train and measure every arm for every seed (seed-major), rewriting the results after each run."""
     cfg = bench.cfg
     plan = [(seed, arm) for seed in range(cfg.seeds) for arm in cfg.arms]
-    runs = resumable_runs(bench, stem, meta)
+    runs = resumable_runs(bench, stem, meta, overwrite)
     done_before = {(r["seed"], r["arm"]) for r in runs}
     if runs:
         log(f"resuming: {len(runs)} finished runs read from {stem.with_suffix('.json')}")
@@ -845,6 +906,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                              "their role system prompts; narrow: one kind of question only, drift read on the other "
                              "kinds; dpo: chosen = in role, rejected = default, under DPOTrainer")
     parser.add_argument("--tag", default="", help="suffix of the result file names")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace earlier results of another configuration under the same name (default: refuse; "
+                             "results of the same configuration are resumed)")
     return parser.parse_args(argv)
 
 
@@ -889,6 +953,15 @@ def persona_data(model: nn.Module, tokenizer: Any, axis: AssistantAxis, cfg: Ben
     return data
 
 
+def data_summary(bench: Bench) -> dict[str, Any]:
+    """What the runs were trained and measured on (part of what a resumed run must match)."""
+    data = bench.data
+    return {"roles": list(data.roles), "n_train": len(bench.train_rows), "n_task": len(data.sft_heldout),
+            "n_heldout_questions": len(data.drift_questions), "n_probes": bench.sources.count("probe"),
+            "n_measure": len(bench.prompts), "replay_pool": len(bench.pool_questions),
+            **({"n_pref_pairs": len(bench.pref_prompts)} if bench.pref_prompts else {})}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     if args.render:  # rebuild the markdown and the plot of a finished run, no model needed
@@ -900,6 +973,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(stem.with_suffix(".md").read_text())
         return 0
     cfg = config_from_args(args)
+    scenario = "" if cfg.scenario == "implant" else f"_{cfg.scenario}"  # implant keeps its earlier file names
+    stem = cfg.out_dir / (f"bench_drift_{device_slug(cfg.device)}{scenario}" + (f"_{cfg.tag}" if cfg.tag else ""))
+    if not args.overwrite:  # before the model loads; the data are compared once built (resumable_runs)
+        check_no_overwrite(stem, cfg.to_json())
     start = time.perf_counter()
 
     def log(message: str) -> None:
@@ -921,14 +998,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         "benchmark": "bench_drift", "device": device, "torch": torch.__version__, "python": platform.python_version(),
         "threads": torch.get_num_threads(), "model": "SmolLM2-135M-Instruct (embedded)", "axis": args.axis,
         "config": cfg.to_json(),
-        "data": {"roles": list(data.roles), "n_train": len(bench.train_rows), "n_task": len(data.sft_heldout),
-                 "n_heldout_questions": len(data.drift_questions), "n_probes": bench.sources.count("probe"),
-                 "n_measure": len(bench.prompts), "replay_pool": len(bench.pool_questions)},
+        "data": data_summary(bench),
         "target": {"ratio": TARGET_RATIO, "task_loss_increase": TARGET_TASK},
     }
-    scenario = "" if cfg.scenario == "implant" else f"_{cfg.scenario}"  # implant keeps its earlier file names
-    name = f"bench_drift_{device_slug(cfg.device)}{scenario}" + (f"_{cfg.tag}" if cfg.tag else "")
-    report = run_bench(bench, cfg.out_dir / name, meta, start, log)
+    report = run_bench(bench, stem, meta, start, log, args.overwrite)
     log(markdown(report))
     return 0
 

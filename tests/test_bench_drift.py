@@ -114,7 +114,7 @@ def test_a_short_run_of_every_kind_of_arm_writes_complete_results(tiny_tokenizer
     # steering composed with projection replay and with LM replay
     cfg = _config(tmp_path, methods)
     bench = _bench(tiny_tokenizer, tiny_axis, tiny_data, cfg)
-    report = bd.run_bench(bench, tmp_path / "bench_drift_tiny", _meta(cfg, bench, tiny_data), start=0.0,
+    report = bd.run_bench(bench, tmp_path / "bench_drift_tiny", _meta(cfg, bench), start=0.0,
                           log=lambda _: None)
 
     saved = json.loads((tmp_path / "bench_drift_tiny.json").read_text())
@@ -147,10 +147,8 @@ def test_a_spent_budget_skips_runs_and_still_writes_results(tiny_tokenizer, tiny
     assert "Skipped for the time budget" in (tmp_path / "spent.md").read_text()
 
 
-def _meta(cfg, bench, data) -> dict:
-    return {"device": "cpu", "model": "tiny", "config": cfg.to_json(),
-            "data": {"roles": list(data.roles), "n_train": len(data.sft_train), "n_task": len(data.sft_heldout),
-                     "n_heldout_questions": len(data.drift_questions), "n_probes": 4, "n_measure": len(bench.prompts)}}
+def _meta(cfg, bench) -> dict:
+    return {"device": "cpu", "model": "tiny", "config": cfg.to_json(), "data": bd.data_summary(bench)}
 
 
 def test_a_rerun_with_more_arms_resumes_the_finished_runs(tiny_tokenizer, tiny_axis, tiny_data, tmp_path):
@@ -159,7 +157,7 @@ def test_a_rerun_with_more_arms_resumes_the_finished_runs(tiny_tokenizer, tiny_a
     def run(methods, stem, log):
         cfg = _config(tmp_path, methods)
         bench = _bench(tiny_tokenizer, tiny_axis, tiny_data, cfg)
-        return bd.run_bench(bench, tmp_path / stem, _meta(cfg, bench, tiny_data), start=0.0, log=log)
+        return bd.run_bench(bench, tmp_path / stem, _meta(cfg, bench), start=0.0, log=log)
 
     first = run(["floor:1"], "resume", lambda _: None)
     lines: list[str] = []
@@ -173,12 +171,21 @@ def test_a_rerun_with_more_arms_resumes_the_finished_runs(tiny_tokenizer, tiny_a
             new = next(a for a in report["arms"] if a["arm"] == name)
             assert new["behaviour_drift"] == pytest.approx(old["behaviour_drift"], abs=1e-6)
             assert new["proj_drift_gaps"] == pytest.approx(old["proj_drift_gaps"], abs=1e-6)
-    # Another configuration (here: more steps) is not resumed from.
-    lines.clear()
+    # Another configuration (here: more steps) is neither resumed from nor silently written over: the check runs
+    # before the model loads, and again once the data are known; --overwrite replaces the results.
     cfg = _config(tmp_path, ["floor:1"], steps=3)
+    before = (tmp_path / "resume.json").read_text()
+    with pytest.raises(ValueError, match=r"cannot resume \(differs: config.steps\).*--tag NAME.*--overwrite"):
+        bd.check_no_overwrite(tmp_path / "resume", cfg.to_json())
     bench = _bench(tiny_tokenizer, tiny_axis, tiny_data, cfg)
-    bd.run_bench(bench, tmp_path / "resume", _meta(cfg, bench, tiny_data), start=0.0, log=lines.append)
+    with pytest.raises(ValueError, match=r"config\.steps"):
+        bd.run_bench(bench, tmp_path / "resume", _meta(cfg, bench), start=0.0, log=lines.append)
+    assert (tmp_path / "resume.json").read_text() == before
+    lines.clear()
+    bd.run_bench(bench, tmp_path / "resume", _meta(cfg, bench), start=0.0, log=lines.append,
+                 overwrite=True)
     assert not any(line.startswith("resuming") for line in lines)
+    assert json.loads((tmp_path / "resume.json").read_text())["config"]["steps"] == 3
 
 
 @pytest.mark.slow
@@ -195,7 +202,7 @@ def test_each_scenario_trains_what_it_says_and_writes_results(tiny_tokenizer, ti
         kinds = {q.text: q.kind for q in bd.load_question_records()}
         measured = [t for t, src in zip(bench.texts, bench.sources, strict=True) if src == "other_kind"]
         assert len(measured) == 6 and all(kinds[t] != "factual" for t in measured)
-    report = bd.run_bench(bench, tmp_path / f"bench_{scenario}", _meta(cfg, bench, tiny_data), start=0.0,
+    report = bd.run_bench(bench, tmp_path / f"bench_{scenario}", _meta(cfg, bench), start=0.0,
                           log=lambda _: None)
     assert [a["arm"] for a in report["arms"]] == ["unanchored", *(a if ":" in a else f"{a}:1" for a in arms)]
     assert all(math.isfinite(a["behaviour_drift"]) for a in report["arms"])
@@ -204,6 +211,30 @@ def test_each_scenario_trains_what_it_says_and_writes_results(tiny_tokenizer, ti
     assert f"Drift benchmark: {scenario}" in table
     if scenario != "conditional":  # inoculation is read with its prompt given too
         assert math.isfinite(report["arms"][2]["trigger_leak_drift"]) and "Trigger leak" in table
+    # Only dpo reads the held-out preference; its accuracy is a share of the pairs.
+    assert all(("preference_margin" in a) == (scenario == "dpo") for a in report["arms"])
+    if scenario == "dpo":
+        assert all(0.0 <= a["preference_accuracy"] <= 1.0 and math.isfinite(a["preference_margin"])
+                   for a in report["arms"])
+        assert "Held-out preference" in table
+
+
+def test_the_preference_margin_is_exactly_zero_at_the_base_and_sums_the_answer_log_probs(
+        tiny_tokenizer, tiny_axis, tiny_data, tmp_path):
+    bench = _bench(tiny_tokenizer, tiny_axis, tiny_data, _config(tmp_path, [], scenario="dpo"))
+    assert len(bench.pref_prompts) == len(tiny_data.dpo_heldout) > 0
+    again = bench.measure(copy.deepcopy(bench.base), bench.base_measure.answers)
+    record = bd.run_record(bench, bd.Arm("unanchored"), 0, again, 0.0, 0.0, float("nan"))
+    assert record["preference_margin"] == 0.0 and record["preference_accuracy"] == 0.0
+    # By hand for the first pair: summed log-probabilities of each answer's tokens after the shared prompt.
+    prompt, chosen, rejected = bench.pref_prompts[0], bench.pref_chosen[0], bench.pref_rejected[0]
+
+    def logp(answer: list[int]) -> float:
+        ids = torch.tensor([prompt + answer])
+        logits = bench.base(input_ids=ids).logits[0, :-1].log_softmax(-1)
+        return float(sum(logits[len(prompt) - 1 + i, t] for i, t in enumerate(answer)))
+
+    assert float(bench.base_measure.preference[0]) == pytest.approx(logp(chosen) - logp(rejected), abs=1e-3)
 
 
 def test_the_mixed_scenario_adds_plain_answers_and_the_screened_arm_trains_on_what_screen_keeps(
