@@ -734,16 +734,23 @@ def plot(report: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, (ax, bx) = plt.subplots(1, 2, figsize=(14, 6), gridspec_kw={"width_ratios": [3, 2]})
+    # One colour per method in both panels; a method's strengths share it, the stronger drawn thicker and joined in
+    # order of strength on the frontier, so a dose-response reads as one curve.
+    methods = list(dict.fromkeys(a["method"] for a in report["arms"]))
+    cmap = plt.get_cmap("tab10" if len(methods) <= 10 else "tab20")
+    colour = {m: cmap(i % cmap.N) for i, m in enumerate(methods)}
+    doses = {m: sorted(a["strength"] for a in report["arms"] if a["method"] == m) for m in methods}
     for a in report["arms"]:
         y = torch.tensor(a["proj_drift_gaps"])
         s = torch.tensor(a["proj_drift_sem"]).nan_to_num(0.0)
         x = range(len(y))
         style = "-" if a["kind"] in ("baseline", "axis") else "--"
-        line, = ax.plot(x, y, style, label=a["arm"], lw=2.2 if a["method"] == "unanchored" else 1.4)
-        ax.fill_between(x, y - s, y + s, color=line.get_color(), alpha=0.15)
+        width = 2.2 if a["method"] == "unanchored" else 1.0 + 0.7 * doses[a["method"]].index(a["strength"])
+        ax.plot(x, y, style, label=a["arm"], lw=width, color=colour[a["method"]])
+        ax.fill_between(x, y - s, y + s, color=colour[a["method"]], alpha=0.12)
     ax.axhline(0, color="k", lw=0.8)
     ax.set_xlabel("layer")
-    ax.set_ylabel("projection drift (default-to-role gaps; < 0 = away from the Assistant)")
+    ax.set_ylabel("projection drift (gaps; < 0 = away from the Assistant)")
     ax.set_title("Projection drift of the fine-tuned model's own default answers")
     if report["arms"]:
         ax.legend(fontsize=7, ncol=2)
@@ -758,14 +765,24 @@ def plot(report: dict[str, Any], path: Path) -> None:
         err = err if isinstance(err, float) and math.isfinite(err) else 0.0  # NaN is written as null
         marker = {"baseline": "D", "control (no axis)": "s"}.get(a["kind"], "o")  # the axis-free controls: squares
         bx.errorbar(c["task_loss_change_pct"], c["behaviour_pct"], yerr=err, fmt=marker, capsize=3,
-                    mfc="none" if a["kind"] == "control (no axis)" else None, label=f"{a['arm']} ({a['kind']})")
+                    color=colour[a["method"]], mfc="none" if a["kind"] == "control (no axis)" else None,
+                    label=f"{a['arm']} ({a['kind']})")
+        if len(doses[a["method"]]) > 1:
+            bx.annotate(f"{a['strength']:g}", (c["task_loss_change_pct"], c["behaviour_pct"]), fontsize=7,
+                        xytext=(4, 3), textcoords="offset points", color=colour[a["method"]])
+    for m in methods:
+        points = sorted((a["strength"], a["vs_unanchored"]["task_loss_change_pct"], a["vs_unanchored"]["behaviour_pct"])
+                        for a in report["arms"] if a["method"] == m and "vs_unanchored" in a)
+        if len(points) > 1:
+            bx.plot([p[1] for p in points], [p[2] for p in points], "-", color=colour[m], lw=0.8, alpha=0.6)
     bx.axhline(0, color="k", lw=0.8)
     bx.axvline(0, color="k", lw=0.8)
     bx.set_xlim(left=min([-5.0] + [a["vs_unanchored"]["task_loss_change_pct"] - 2 for a in report["arms"]
                                    if "vs_unanchored" in a]))
     bx.set_xlabel("held-out task loss change vs unanchored (%)")
     bx.set_ylabel("behavioural drift (% of unanchored, ± s.e.)")
-    bx.set_title("Persona kept vs task learnt (open squares: axis-free controls)")
+    bx.set_title("Persona kept vs task learnt (open squares: axis-free controls;\n"
+                 "a method's strengths joined, each labelled)", fontsize=10)
     bx.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=2)  # clear of the points
     fig.tight_layout()
     atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110))
