@@ -42,8 +42,9 @@ class AnchorConfig:
     method: list[str] = field(default_factory=lambda: ["preventative", "lm_replay"], metadata={
         "help": "One or more registered methods, composed: floor, match, replay, preventative, lm_replay, kl, "
                 "incremental, ablate (see anchor.methods.available_methods()). YAML `method: [preventative, "
-                "lm_replay]`, CLI `--method preventative lm_replay`. The default pair kept the most persona at no "
-                "task cost in the drift benchmark's conditional scenario (docs/drift-benchmark.md)."})
+                "lm_replay]`, CLI `--method preventative lm_replay`. In the drift benchmark's conditional scenario the "
+                "default pair kept as much persona as LM replay alone, at no task cost; its steering kept more where "
+                "the drift spread beyond the trained questions (docs/drift-benchmark.md)."})
     method_weights: list[float] | None = field(default=None, metadata={
         "help": "Per-method weight, one per entry of `method` (None: 1 each). Each method's term is scaled by "
                 "weight x its method weight."})
