@@ -825,23 +825,24 @@ def earlier_differences(stem: Path, config: dict[str, Any], data: dict[str, Any]
     return differ
 
 
-def check_no_overwrite(stem: Path, config: dict[str, Any], data: dict[str, Any] | None = None) -> None:
-    """Refuse to write over earlier results that cannot be resumed: a user's finished runs are never lost."""
+def check_no_overwrite(stem: Path, config: dict[str, Any], data: dict[str, Any] | None = None,
+                       overwrite: bool = False) -> bool:
+    """Whether earlier results at ``stem`` can be resumed; earlier results that cannot raise unless ``overwrite``,
+    so a user's finished runs are never silently written over."""
     differ = earlier_differences(stem, config, data)
-    if differ:
+    if differ and not overwrite:
         raise ValueError(f"{stem.with_suffix('.json')} holds results that this invocation cannot resume (differs: "
                          f"{', '.join(differ)}) and would overwrite. Pass --tag NAME to write beside them, or "
                          "--overwrite to replace them.")
+    return differ == []
 
 
 def resumable_runs(bench: Bench, stem: Path, meta: dict[str, Any], overwrite: bool = False) -> list[dict[str, Any]]:
     """The finished runs of an earlier invocation with the same configuration (arms and budget aside) and data,
     for the arms asked for now: a benchmark cut short, or extended by more arms, never redoes a finished run.
     Earlier results of another configuration raise (:func:`check_no_overwrite`) unless ``overwrite``."""
-    differ = earlier_differences(stem, meta["config"], meta["data"])
-    if differ is None or (differ and overwrite):
+    if not check_no_overwrite(stem, meta["config"], meta["data"], overwrite):
         return []
-    check_no_overwrite(stem, meta["config"], meta["data"])
     earlier = json.loads(stem.with_suffix(".json").read_text())
     tensors = load_file(str(stem.with_suffix(".runs.safetensors")))
     wanted = {a.name for a in bench.cfg.arms}
@@ -992,8 +993,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     cfg = config_from_args(args)
     scenario = "" if cfg.scenario == "implant" else f"_{cfg.scenario}"  # implant keeps its earlier file names
     stem = cfg.out_dir / (f"bench_drift_{device_slug(cfg.device)}{scenario}" + (f"_{cfg.tag}" if cfg.tag else ""))
-    if not args.overwrite:  # before the model loads; the data are compared once built (resumable_runs)
-        check_no_overwrite(stem, cfg.to_json())
+    check_no_overwrite(stem, cfg.to_json(), overwrite=args.overwrite)  # before the model loads; the data are
+    # compared once built (resumable_runs)
     start = time.perf_counter()
 
     def log(message: str) -> None:
