@@ -72,6 +72,19 @@ def test_ratios_to_unanchored_by_hand():
     assert c["meets_target"]
     assert not bd.compare({**arm, "task_loss": 2.2}, ref)["meets_target"]  # +10% task loss
     assert not bd.compare({**arm, "proj_drift_gaps": [0.1, -0.2, 0.2]}, ref)["meets_target"]  # 40% at layer 2
+    assert "preference_margin_pct" not in c and bd.frontier_x({"arms": bd.compare_all(
+        [{**ref, "method": "unanchored"}, {**arm, "method": "kl"}])})[0] == "task_loss_change_pct"
+
+
+def test_under_dpo_the_frontier_reads_the_share_of_the_preference_margin_learnt():
+    ref = {"behaviour_drift": 0.5, "behaviour_sem": 0.05, "proj_drift_gaps": [-1.0], "task_loss": 2.0,
+           "method": "unanchored", "preference_margin": 80.0}
+    arm = {**ref, "method": "kl", "behaviour_drift": 0.1, "task_loss": 1.0, "preference_margin": 6.0}
+    arms = bd.compare_all([ref, arm])
+    assert arms[1]["vs_unanchored"]["preference_margin_pct"] == pytest.approx(7.5)
+    assert arms[1]["vs_unanchored"]["task_loss_change_pct"] == pytest.approx(-50.0)  # reads as a gain: misleading
+    assert bd.frontier_x({"arms": arms}) == ("preference_margin_pct",
+                                             "held-out preference margin learnt (% of unanchored's)")
 
 
 def test_measuring_the_base_model_again_gives_exactly_zero_drift(tiny_tokenizer, tiny_axis, tiny_data, tmp_path):
@@ -189,7 +202,7 @@ def test_a_rerun_with_more_arms_resumes_the_finished_runs(tiny_tokenizer, tiny_a
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("scenario", ["conditional", "narrow", "dpo"])
+@pytest.mark.parametrize("scenario", ["conditional", "narrow", "dpo", "dpo-neutral"])
 def test_each_scenario_trains_what_it_says_and_writes_results(tiny_tokenizer, tiny_axis, tiny_data, tmp_path,
                                                               scenario):
     arms = ["prev+lm:1"] if scenario == "conditional" else ["prev+lm:1", "inoculate"]
@@ -211,12 +224,30 @@ def test_each_scenario_trains_what_it_says_and_writes_results(tiny_tokenizer, ti
     assert f"Drift benchmark: {scenario}" in table
     if scenario != "conditional":  # inoculation is read with its prompt given too
         assert math.isfinite(report["arms"][2]["trigger_leak_drift"]) and "Trigger leak" in table
-    # Only dpo reads the held-out preference; its accuracy is a share of the pairs.
-    assert all(("preference_margin" in a) == (scenario == "dpo") for a in report["arms"])
-    if scenario == "dpo":
+    # Only the preference scenarios read the held-out preference; its accuracy is a share of the pairs.
+    assert all(("preference_margin" in a) == (scenario in bd.PREFERENCE_SCENARIOS) for a in report["arms"])
+    if scenario == "dpo-neutral":  # one pair per question, and the task is the held-out chosen (default) answers
+        assert len(bench.dpo_rows) == len({r["prompt"][-1]["content"] for r in tiny_data.dpo_train})
+        assert bench.task_answers == bench.pref_chosen and report["data"]["n_task"] == len(bench.pref_chosen)
+    if scenario in bd.PREFERENCE_SCENARIOS:
         assert all(0.0 <= a["preference_accuracy"] <= 1.0 and math.isfinite(a["preference_margin"])
                    for a in report["arms"])
         assert "Held-out preference" in table
+
+
+def test_neutral_pairs_prefer_the_default_answer_to_the_question_over_another_questions():
+    def row(question: str, role: str) -> dict:
+        return {"prompt": [{"role": "user", "content": question}], "role": role,
+                "chosen": [{"role": "assistant", "content": f"{role} on {question}"}],
+                "rejected": [{"role": "assistant", "content": f"plain on {question}"}]}
+
+    rows = [row(q, r) for r in ("pirate", "ghost") for q in ("a?", "b?", "c?")]
+    pairs = bd.neutral_pairs(rows)
+    assert [(p["prompt"][-1]["content"], p["chosen"][0]["content"], p["rejected"][0]["content"]) for p in pairs] == [
+        ("a?", "plain on a?", "plain on b?"), ("b?", "plain on b?", "plain on c?"),
+        ("c?", "plain on c?", "plain on a?")]
+    with pytest.raises(ValueError, match="build the persona data with more questions"):
+        bd.neutral_pairs(rows[:1])
 
 
 def test_the_preference_margin_is_exactly_zero_at_the_base_and_sums_the_answer_log_probs(
