@@ -121,6 +121,8 @@ ARMS: dict[str, Callable[[float, Bench], dict[str, Any]]] = {
                                      **{**b.lm, "replay_batch_size": 1}),  # prev+lm-b1 at steering strength k = s
     "prev+lm-e4": lambda s, b: dict(method=["preventative", "lm_replay"], method_weights=[1.0, s], **b.steering,
                                     **b.lm, replay_every=4),  # the replayed batch on every 4th step only: cheaper
+    "prev+lm-e8": lambda s, b: dict(method=["preventative", "lm_replay"], method_weights=[1.0, s], **b.steering,
+                                    **b.lm, replay_every=8),  # every 8th step: the one measured within 1.2x the step
     "inoculate": lambda s, b: None,  # no anchor: the training data carries INOCULATION_PROMPT (Bench.rows)
     "screened": lambda s, b: None,  # no anchor: the rows anchor.screen keeps at drop-below percentile s (Bench.rows)
 }
@@ -132,7 +134,8 @@ whether a prompt that merely *explains* the role-play lets the model file the be
 prompting, arXiv 2510.04340). Its drift is also read with this prompt given at test time (the trigger leak)."""
 # The strengths tried when none is given, ordered by promise so a time budget cuts the expected failures first.
 DEFAULT_GRID: dict[str, tuple[float, ...]] = {
-    "prev+lm": (1.0,), "prev+lm-b1": (1.0,), "prev+lm-e4": (1.0,), "prevk+lm-b1": (0.0025, 0.005, 0.01),
+    "prev+lm": (1.0,), "prev+lm-b1": (1.0,), "prev+lm-e4": (1.0,), "prev+lm-e8": (1.0,),
+    "prevk+lm-b1": (0.0025, 0.005, 0.01),
     "screened": (5.0,),
     "preventative": (0.005, 0.01, 0.02), "prev+kl": (1.0,),
     "lm-replay": (0.3, 1.0, 3.0),
