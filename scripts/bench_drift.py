@@ -1,6 +1,6 @@
 """Drift benchmark: does the training anchor keep a fine-tuned model in its Assistant persona?
 
-Four scenarios (``--scenario``), each built from the model's own answers with fixed seeds:
+The scenarios (``--scenario``), each built from the model's own answers with fixed seeds:
 
 * ``implant`` (the stress test, below): in-role answers trained *without* the role prompt, so the task is itself
   the drift;
@@ -339,7 +339,7 @@ class Bench:
         neutral = cfg.scenario == "dpo-neutral"
         self.dpo_rows = [{k: r[k] for k in ("prompt", "chosen", "rejected")}
                          for r in (neutral_pairs(data.dpo_train) if neutral else data.dpo_train)]
-        held = (neutral_pairs(data.dpo_heldout) if neutral and data.dpo_heldout else data.dpo_heldout)
+        held = neutral_pairs(data.dpo_heldout) if neutral and data.dpo_heldout else data.dpo_heldout
         pairs = [(encode_sft(tokenizer, [*r["prompt"], *r["chosen"]]), encode_sft(tokenizer, [*r["prompt"],
                                                                                            *r["rejected"]]))
                  for r in held] if cfg.scenario in PREFERENCE_SCENARIOS else []
