@@ -43,8 +43,9 @@ class AnchorConfig:
         "help": "One or more registered methods, composed: floor, match, replay, preventative, lm_replay, kl, "
                 "incremental, ablate (see anchor.methods.available_methods()). YAML `method: [preventative, "
                 "lm_replay]`, CLI `--method preventative lm_replay`. In the drift benchmark's conditional scenario the "
-                "default pair kept as much persona as LM replay alone, at no task cost; its steering kept more where "
-                "the drift spread beyond the trained questions (docs/drift-benchmark.md)."})
+                "default pair kept as much persona as LM replay alone, at no task cost; where the drift spread beyond "
+                "the trained questions it kept more than the controls, and steering + KL kept as much at a quarter "
+                "of the task cost (docs/drift-benchmark.md)."})
     method_weights: list[float] | None = field(default=None, metadata={
         "help": "Per-method weight, one per entry of `method` (None: 1 each). Each method's term is scaled by "
                 "weight x its method weight."})
