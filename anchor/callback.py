@@ -40,7 +40,7 @@ from anchor.hooks import check_layers
 from anchor.methods import RunContext
 from anchor.models import decoder_layers, unwrap
 from anchor.probes import ProbeMonitor, far_role_prompts, preserved_rng
-from anchor.reference import Reference, find_peft, training_reference
+from anchor.reference import Reference, check_copyable, find_peft, needs_reference, training_reference
 from anchor.report import probe_drift_series
 from anchor.state import STATE_DIR, AnchorState, check_same_settings, resume_state, save_state
 
@@ -136,6 +136,8 @@ class AnchorCallback(TrainerCallback, ExportableState):
         tokenizer = getattr(processing_class, "tokenizer", processing_class)
         decoder_layers(model)  # a clear error for an architecture whose layers cannot be hooked
         saved = resume_state(args, state, frame_locals) if state.global_step > 0 else None
+        if saved is None and needs_reference(cfg):
+            check_copyable(model, cfg.method)  # before the axis: a sharded full fine-tune fails in seconds
         if saved is not None:
             check_same_settings(saved, cfg)
             self.axis = saved.axis

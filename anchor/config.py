@@ -39,13 +39,15 @@ class AnchorConfig:
     layers: list[int] | None = field(default=None, metadata={
         "help": "Decoder layers to anchor (0-based). None: a band in the upper middle of the network where "
                 "cosine(axis, PC1) is highest (anchor.engine.default_layers)."})
-    method: list[str] = field(default_factory=lambda: ["preventative", "lm_replay"], metadata={
+    method: list[str] = field(default_factory=lambda: ["preventative", "kl"], metadata={
         "help": "One or more registered methods, composed: floor, match, replay, preventative, lm_replay, kl, "
-                "incremental, ablate (see anchor.methods.available_methods()). YAML `method: [preventative, "
-                "lm_replay]`, CLI `--method preventative lm_replay`. In the drift benchmark's conditional scenario the "
-                "default pair kept as much persona as LM replay alone, at no task cost; where the drift spread beyond "
-                "the trained questions it kept more than the controls, and steering + KL kept as much at a quarter "
-                "of the task cost (docs/drift-benchmark.md)."})
+                "incremental, ablate (see anchor.methods.available_methods()). YAML `method: [preventative, kl]`, "
+                "CLI `--method preventative kl`. The default, steering + KL, kept as much persona as steering + LM "
+                "replay in the drift benchmark's two realistic scenarios at a quarter of the task cost where the drift "
+                "spread beyond the trained questions, with less overshoot at every layer (docs/drift-benchmark.md). "
+                "KL reads the frozen base model: free with PEFT, a copy of the weights under full fine-tuning, "
+                "impossible under ZeRO-3/FSDP; there use [preventative, lm_replay] (recipes/sft-full.yaml). It taxes "
+                "a preference that is not a role more (DPO: recipes/dpo-lora.yaml keeps LM replay)."})
     method_weights: list[float] | None = field(default=None, metadata={
         "help": "Per-method weight, one per entry of `method` (None: 1 each). Each method's term is scaled by "
                 "weight x its method weight."})

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import logging
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -15,6 +16,8 @@ import torch
 from torch import nn
 
 from anchor.models import unwrap
+
+logger = logging.getLogger(__name__)
 
 
 def find_peft(model: nn.Module) -> nn.Module | None:
@@ -38,6 +41,22 @@ def is_fsdp(model: nn.Module) -> bool:
     return any(getattr(m, "_is_fsdp_managed_module", False) for m in model.modules())
 
 
+def check_copyable(model: nn.Module, methods: list[str] | None = None) -> None:
+    """Refuse, with the fix, a full fine-tune whose frozen reference would be a copy of a sharded model.
+
+    Called before the axis is computed, so a run that cannot start fails in seconds, not after minutes of set-up.
+    """
+    if find_peft(model) is not None or not (is_zero3(model) or is_fsdp(model)):
+        return
+    who = f"method(s) {methods} compare(s)" if methods else "This anchor compares"
+    raise ValueError(
+        f"{who} with the frozen base model. For full fine-tuning that is a copy of the model, which cannot be made "
+        "of a sharded model (DeepSpeed ZeRO-3, FSDP). Train a PEFT adapter (the reference is then the "
+        "adapter-disabled model) or use methods that need no frozen copy (floor, preventative, lm_replay), e.g. "
+        "AnchorConfig(method=[\"preventative\", \"lm_replay\"]) (recipes/sft-full.yaml)."
+    )
+
+
 class Reference:
     """The frozen model the anchor compares with.
 
@@ -57,12 +76,8 @@ class Reference:
             self.module = unwrap(model)
             self.kind = "peft"
             return
-        if frozen is None and (is_zero3(model) or is_fsdp(model)):
-            raise ValueError(
-                "A frozen reference for full fine-tuning is a copy of the model, which cannot be made of a sharded "
-                "model (DeepSpeed ZeRO-3, FSDP). Train a PEFT adapter (the reference is then the adapter-disabled "
-                "model) or use methods that need no frozen copy (floor, preventative, lm_replay)."
-            )
+        if frozen is None:
+            check_copyable(model)
         source = unwrap(frozen) if frozen is not None else copy.deepcopy(unwrap(model))
         for module in source.modules():
             # Trainers patch instance-level forwards with closures over the original model (TRL's fused LM head,
@@ -73,6 +88,9 @@ class Reference:
             module._forward_pre_hooks.clear()
         self.module = source.eval().requires_grad_(False)
         self.kind = "copy"
+        size = sum(p.numel() * p.element_size() for p in self.module.parameters()) / 2**30
+        logger.info("anchor: the frozen reference is a copy of the model (%.2f GiB more on its device); a PEFT "
+                    "adapter needs none, nor do floor, preventative and lm_replay.", size)
 
     @contextlib.contextmanager
     def active(self) -> Iterator[nn.Module]:
@@ -88,6 +106,11 @@ class Reference:
                 self.module.train(was_training)
 
 
+def needs_reference(config: Any) -> bool:
+    """Whether one of ``config.method`` compares with the frozen base model."""
+    from anchor.methods import get_method
+
+    return any(get_method(name).needs_reference for name in config.method)
 
 
 def training_reference(model: nn.Module, config: Any, resumed: bool, autocast: Callable | None = None,
@@ -95,9 +118,7 @@ def training_reference(model: nn.Module, config: Any, resumed: bool, autocast: C
     """The reference a training run needs: for methods that compare with the base model, and for the role-likeness
     probe only when PEFT makes it free. On resume of a full fine-tune the model has moved, so the base weights are
     reloaded from ``config._name_or_path`` and checked against the axis bundle's ``fingerprint``."""
-    from anchor.methods import get_method
-
-    needed = any(get_method(name).needs_reference for name in config.method)
+    needed = needs_reference(config)
     peft = find_peft(model) is not None
     if not needed and not (config.probe_every and config.probe_far_roles and peft):
         return None
@@ -128,4 +149,4 @@ def _reload_base(model: nn.Module, expected: str | None) -> nn.Module:
     return frozen
 
 
-__all__ = ["Reference", "find_peft", "is_fsdp", "is_zero3", "training_reference"]
+__all__ = ["Reference", "check_copyable", "find_peft", "is_fsdp", "is_zero3", "needs_reference", "training_reference"]

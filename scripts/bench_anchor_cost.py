@@ -1,18 +1,21 @@
-"""What the recommended anchor costs per optimizer step, and how the replayed batch's size and frequency buy it down.
+"""What the recommended anchor costs per optimizer step, and how the replayed batch's frequency buys it down.
 
-The default anchor (``AnchorConfig()``: preventative steering plus LM replay) adds, once per optimizer step, the
-forward and backward of a replayed batch: ``replay_batch_size`` of the base model's own default answers (up to
-``replay_max_new_tokens`` tokens each, plus their prompts). Steering itself adds no forward. So its cost over a
-plain step is roughly the replayed tokens over the trained tokens, and falls with a smaller ``replay_batch_size``
-or a larger ``replay_every`` (the replayed batch on every Nth step only, counted N times).
+The default anchor (``AnchorConfig()``: preventative steering plus KL to the base model) adds, once per optimizer
+step, the forward and backward of a replayed batch: ``replay_batch_size`` answers the model sampled itself (up to
+``replay_max_new_tokens`` tokens each, plus their prompts), and the base model's forward on them once per sample;
+every ``replay_refresh_steps`` steps it samples them again. Steering itself adds no forward. So its cost over a plain
+step is roughly the replayed tokens over the trained tokens, plus the sampling at its share, and falls with a
+larger ``replay_every`` (the replayed batch on every Nth step only, counted N times). The former default,
+preventative + LM replay, replays fixed answers and samples nothing during training; it is timed beside it.
 
 Each configuration below trains ``--steps`` steps in a fresh process (``bench_overhead.train_run``), interleaved,
 the order reversed every other repetition. The step time is the **mean** over the steps after ``--warmup``, not
-the median: with ``replay_every`` = N only one step in N carries the replayed batch, and a median would hide it.
-``--steps`` − ``--warmup`` should be a multiple of every N timed. The ratio of a repetition is the configuration's
-mean step over the same repetition's plain mean step.
+the median: with ``replay_every`` = N only one step in N carries the replayed batch, and only one in
+``replay_refresh_steps`` samples, and a median would hide both. The timed steps (``--steps`` − ``--warmup``) must be
+whole cycles of both (checked). The ratio of a repetition is the configuration's mean step over the same
+repetition's plain mean step.
 
-    python scripts/bench_anchor_cost.py                      # CPU: batch 4 × 128 tokens, about 15 minutes
+    python scripts/bench_anchor_cost.py                      # CPU: batch 4 × 128 tokens, about 25 minutes
     python scripts/bench_anchor_cost.py --device cuda --batch-size 8 --seq-len 512
 
 Writes ``scripts/results/bench_anchor_cost_<device>.{json,md,png}`` with ``uptime`` at the start and the end.
@@ -22,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import platform
 import statistics
 import sys
@@ -45,10 +49,11 @@ from bench_overhead import (  # the shared timing helpers of the overhead benchm
 # label -> AnchorConfig fields on top of its defaults (None: plain training)
 CONFIGS: dict[str, dict | None] = {
     "plain": None,
-    "default (replay 8 every step)": {},
-    "replay_batch_size=2": {"replay_batch_size": 2},
-    "replay_every=4": {"replay_every": 4},
-    "replay_every=8": {"replay_every": 8},
+    "default (KL on 8 answers every step)": {},
+    "replay_every=5": {"replay_every": 5},
+    "replay_every=10": {"replay_every": 10},
+    "preventative + lm_replay": {"method": ["preventative", "lm_replay"]},
+    "preventative + lm_replay, replay_every=10": {"method": ["preventative", "lm_replay"], "replay_every": 10},
 }
 TARGET = 1.2  # the recommended default should cost at most this many plain steps
 
@@ -58,7 +63,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     add_run_args(p)
     p.add_argument("--batch-size", type=int, default=4, help="per-device training batch")
     p.add_argument("--seq-len", type=int, default=128, help="tokens per training example")
-    p.add_argument("--steps", type=int, default=9, help="optimizer steps per run")
+    p.add_argument("--steps", type=int, default=11, help="optimizer steps per run")
     p.add_argument("--warmup", type=int, default=1, help="steps dropped at the start of every run")
     p.add_argument("--reps", type=int, default=2, help="runs per configuration, interleaved")
     p.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS),
@@ -67,11 +72,25 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     args.dtype = args.dtype or ("bf16" if args.device.startswith("cuda") else "fp32")
     timed = args.steps - args.warmup
     for label in args.configs:
-        every = (CONFIGS[label] or {}).get("replay_every", 1)
+        every = cycle(CONFIGS[label])
         if timed < every or timed % every:
             raise SystemExit(f"--steps {args.steps} - --warmup {args.warmup} = {timed} timed steps is not a whole "
                              f"number of replay cycles of {label!r}; use a multiple of {every}.")
     return args
+
+
+def cycle(fields: dict | None) -> int:
+    """Steps after which a configuration's per-step costs repeat: ``replay_every``, and for a method that samples
+    its batch during training (kl, replay) the resampling period too."""
+    if fields is None:
+        return 1
+    from anchor.config import AnchorConfig
+    from anchor.methods import get_method
+    from anchor.methods.base import OnPolicyMethod
+
+    config = AnchorConfig(**fields)
+    on_policy = any(issubclass(get_method(name), OnPolicyMethod) for name in config.method)
+    return math.lcm(config.replay_every, config.replay_refresh_steps) if on_policy else config.replay_every
 
 
 def mean_step(run: dict, warmup: int) -> float:
@@ -160,8 +179,9 @@ def write(result: dict, out: Path, device: str) -> None:
         f"{result['warmup']} step(s), so a replayed step counts at its share; ratios per repetition against the same "
         f"repetition's plain run. Target: ≤ {TARGET}× a plain step.", "",
         *table, "",
-        "The cost is about the replayed tokens over the trained tokens per step: it is larger for short training "
-        "sequences (as here) than for long ones, and falls as 1/N with `replay_every` = N.", "",
+        "The cost is about the replayed tokens over the trained tokens per step (plus, for KL, one sampling of the "
+        "replayed answers every `replay_refresh_steps` steps): it is larger for short training sequences (as here) "
+        "than for long ones, and falls with `replay_every` = N.", "",
         f"Plot: `{stem.with_suffix('.png').name}`.",
     ]
     atomic_write_text(stem.with_suffix(".md"), "\n".join(text) + "\n")

@@ -24,10 +24,14 @@ bc = _load()
 
 
 def test_timed_steps_must_hold_whole_replay_cycles():
-    assert bc.parse(["--steps", "9", "--warmup", "1"]).configs == list(bc.CONFIGS)
-    with pytest.raises(SystemExit, match="use a multiple of 4"):
-        bc.parse(["--steps", "7", "--warmup", "1"])
-    assert bc.parse(["--steps", "7", "--warmup", "1", "--configs", "replay_batch_size=2"]).steps == 7
+    assert bc.parse([]).configs == list(bc.CONFIGS)  # the defaults time whole cycles of every configuration
+    # KL samples its batch again every replay_refresh_steps (10) steps: a cycle of 10 even when it replays every step
+    with pytest.raises(SystemExit, match="use a multiple of 10"):
+        bc.parse(["--steps", "6", "--warmup", "1", "--configs", "default (KL on 8 answers every step)"])
+    assert bc.cycle({"replay_every": 4}) == 20 and bc.cycle({"replay_refresh_steps": 3}) == 3
+    # LM replay samples nothing during training: only replay_every counts
+    assert bc.cycle({"method": ["preventative", "lm_replay"], "replay_every": 4}) == 4 and bc.cycle(None) == 1
+    assert bc.parse(["--steps", "6", "--warmup", "1", "--configs", "preventative + lm_replay"]).steps == 6
 
 
 def test_the_mean_step_counts_the_replayed_steps_at_their_share():

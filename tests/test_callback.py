@@ -529,7 +529,7 @@ def test_default_layers_are_announced_with_the_reason(tiny_tokenizer, tiny_axis,
                    max_steps=1)
     with caplog.at_level(logging.INFO, logger="anchor.callback"):
         trainer.train()
-    line = next(r.getMessage() for r in caplog.records if "method=preventative+lm_replay at layers" in r.getMessage())
+    line = next(r.getMessage() for r in caplog.records if "method=preventative+kl at layers" in r.getMessage())
     assert str(default_layers(tiny_axis)) in line and "highest mean |cosine(axis, PC1)|" in line
     # preventative steers the middle third of the network when no layers are given, and says so
     assert f"preventative at its own layers {middle_third(tiny_axis.n_layers)}" in line
@@ -541,6 +541,25 @@ def test_layers_out_of_range_are_refused_by_their_field_name_before_training(tin
     trainer = _sft(tiny_tokenizer, tmp_path, [AnchorCallback(AnchorConfig(layers=[1, 9]), axis=tiny_axis)],
                    model=model, max_steps=1)
     with pytest.raises(ValueError, match=r"AnchorConfig.layers: layers \[9\] are out of range"):
+        trainer.train()
+    assert torch.equal(_flat(model), before)
+
+
+def test_the_default_on_a_sharded_full_fine_tune_is_refused_with_the_fix_before_the_axis(tiny_tokenizer, tmp_path,
+                                                                                        monkeypatch):
+    """The default's KL needs a frozen copy of the model, which ZeRO-3/FSDP cannot give: refused in seconds, naming the
+    methods that need none, before the on-the-fly axis (minutes on a real model) is computed."""
+    def no_axis(*_args, **_kwargs):
+        raise AssertionError("the axis was computed before the refusal")
+
+    monkeypatch.setattr(AnchorCallback, "_load_axis", no_axis)
+    model = make_tiny_model(tiny_tokenizer)
+    before = _flat(model)
+    for p in model.parameters():
+        p.ds_id = 0  # how DeepSpeed ZeRO-3 marks the parameters it partitions (anchor.reference.is_zero3)
+    trainer = _sft(tiny_tokenizer, tmp_path, [AnchorCallback(AnchorConfig())], model=model, max_steps=1)
+    with pytest.raises(ValueError, match=r"method\(s\) \['preventative', 'kl'\] compare\(s\) with the frozen base "
+                                         r"model.*ZeRO-3, FSDP.*method=\[\"preventative\", \"lm_replay\"\]"):
         trainer.train()
     assert torch.equal(_flat(model), before)
 
