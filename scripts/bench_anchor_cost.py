@@ -50,6 +50,7 @@ from bench_overhead import (  # the shared timing helpers of the overhead benchm
 CONFIGS: dict[str, dict | None] = {
     "plain": None,
     "default (KL on 8 answers every step)": {},
+    "replay_batch_size=1": {"replay_batch_size": 1},
     "replay_every=5": {"replay_every": 5},
     "replay_every=10": {"replay_every": 10},
     "preventative + lm_replay": {"method": ["preventative", "lm_replay"]},

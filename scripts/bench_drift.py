@@ -106,6 +106,8 @@ ARMS: dict[str, Callable[[float, Bench], dict[str, Any]]] = {
                                     **{**b.lm, "replay_batch_size": 1}),  # one replayed answer per step: cheaper
     "preventative": lambda s, b: dict(method=["preventative"], **{**b.steering, "steer_coefficient": s}),
     "prev+kl": lambda s, b: dict(method=["preventative", "kl"], method_weights=[1.0, s], **b.steering, **b.replay),
+    "prev+kl-b1": lambda s, b: dict(method=["preventative", "kl"], method_weights=[1.0, s], **b.steering,
+                                    **{**b.replay, "replay_batch_size": 1}),  # KL on one sampled answer per step
     "lm-replay": lambda s, b: dict(method=["lm_replay"], weight=s, **b.lm),
     "kl": lambda s, b: dict(method=["kl"], weight=s, **b.replay),
     "prev+replay": lambda s, b: dict(method=["preventative", "replay"], method_weights=[1.0, s], **b.steering,

@@ -113,6 +113,8 @@ def test_every_arm_is_a_line_of_public_configuration(tiny_tokenizer, tiny_axis, 
         assert isinstance(config, bd.AnchorConfig) and config.probe_every == 0
     e4 = bd.arm_config(bench, bd.Arm("prev+lm-e4", 1.0))
     assert e4.replay_every == 4 and e4.method == ["preventative", "lm_replay"]
+    kl_b1 = bd.arm_config(bench, bd.Arm("prev+kl-b1", 1.0))
+    assert kl_b1.method == ["preventative", "kl"] and kl_b1.replay_batch_size == 1 and kl_b1.replay_questions
     k = bd.arm_config(bench, bd.Arm("prevk+lm-b1", 0.005))
     assert k.steer_coefficient == 0.005 and k.replay_batch_size == 1
     prev_lm = bd.arm_config(bench, bd.Arm("prev+lm", 0.5))
