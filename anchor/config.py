@@ -43,8 +43,9 @@ class AnchorConfig:
         "help": "One or more registered methods, composed: floor, match, replay, preventative, lm_replay, kl, "
                 "incremental, ablate (see anchor.methods.available_methods()). YAML `method: [preventative, kl]`, "
                 "CLI `--method preventative kl`. The default, steering + KL, kept as much persona as steering + LM "
-                "replay in the drift benchmark's two realistic scenarios at a quarter of the task cost where the drift "
-                "spread beyond the trained questions, with less overshoot at the worst layer (docs/drift-benchmark.md). "
+                "replay in the drift benchmark's two realistic scenarios at a quarter of the task cost where the "
+                "drift spread beyond the trained questions, with less overshoot at the worst layer "
+                "(docs/drift-benchmark.md). "
                 "KL reads the frozen base model: free with PEFT, a copy of the weights under full fine-tuning, "
                 "impossible under ZeRO-3/FSDP; there use [preventative, lm_replay] (recipes/sft-full.yaml). It taxes "
                 "a preference that is not a role more (DPO: recipes/dpo-lora.yaml keeps LM replay)."})
