@@ -1,12 +1,13 @@
-"""What the recommended anchor costs per optimizer step, and how the replayed batch's frequency buys it down.
+"""What the recommended anchor costs per optimizer step, and how the replayed batch's size and frequency buy it down.
 
 The default anchor (``AnchorConfig()``: preventative steering plus KL to the base model) adds, once per optimizer
 step, the forward and backward of a replayed batch: ``replay_batch_size`` answers the model sampled itself (up to
 ``replay_max_new_tokens`` tokens each, plus their prompts), and the base model's forward on them once per sample;
 every ``replay_refresh_steps`` steps it samples them again. Steering itself adds no forward. So its cost over a plain
 step is roughly the replayed tokens over the trained tokens, plus the sampling at its share, and falls with a
-larger ``replay_every`` (the replayed batch on every Nth step only, counted N times). The former default,
-preventative + LM replay, replays fixed answers and samples nothing during training; it is timed beside it.
+smaller ``replay_batch_size`` or a larger ``replay_every`` (the replayed batch on every Nth step only, counted N
+times). The former default, preventative + LM replay, replays fixed answers and samples nothing during training;
+it is timed beside it.
 
 Each configuration below trains ``--steps`` steps in a fresh process (``bench_overhead.train_run``), interleaved,
 the order reversed every other repetition. The step time is the **mean** over the steps after ``--warmup``, not
