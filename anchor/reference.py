@@ -52,9 +52,17 @@ def check_copyable(model: nn.Module, methods: list[str] | None = None) -> None:
     raise ValueError(
         f"{who} with the frozen base model. For full fine-tuning that is a copy of the model, which cannot be made "
         "of a sharded model (DeepSpeed ZeRO-3, FSDP). Train a PEFT adapter (the reference is then the "
-        "adapter-disabled model) or use methods that need no frozen copy (floor, preventative, lm_replay), e.g. "
+        f"adapter-disabled model) or use methods that need no frozen copy ({', '.join(copy_free_methods())}), e.g. "
         "AnchorConfig(method=[\"preventative\", \"lm_replay\"]) (recipes/sft-full.yaml)."
     )
+
+
+def copy_free_methods() -> list[str]:
+    """The registered methods that never read the frozen base model, so need no copy of a fully fine-tuned one.
+    Read from the registry, so a method registered later is named in the messages that offer them."""
+    from anchor.methods import available_methods, get_method
+
+    return [name for name in available_methods() if not get_method(name).needs_reference]
 
 
 class Reference:
@@ -90,7 +98,7 @@ class Reference:
         self.kind = "copy"
         size = sum(p.numel() * p.element_size() for p in self.module.parameters()) / 2**30
         logger.info("anchor: the frozen reference is a copy of the model (%.2f GiB more on its device); a PEFT "
-                    "adapter needs none, nor do floor, preventative and lm_replay.", size)
+                    "adapter needs none, nor do these methods: %s.", size, ", ".join(copy_free_methods()))
 
     @contextlib.contextmanager
     def active(self) -> Iterator[nn.Module]:

@@ -16,7 +16,7 @@ from safetensors.torch import save_file
 from anchor.callback import AnchorCallback, AnchorConfig
 from anchor.engine import Anchor
 from anchor.methods import AnchorMethod, available_methods, register_method
-from anchor.reference import Reference
+from anchor.reference import Reference, check_copyable
 from anchor.state import load_state
 from tests.conftest import make_tiny_model
 
@@ -81,6 +81,18 @@ def test_registering_a_taken_name_or_a_non_method_is_refused():
         register_method(type("Floor", (AnchorMethod,), {"name": "floor"}))
     with pytest.raises(TypeError, match="subclass"):
         register_method(type("NotAMethod", (), {"name": "x"}))
+
+
+def test_the_sharded_refusal_offers_every_registered_method_that_needs_no_copy(tiny_tokenizer):
+    """The methods a sharded full fine-tune can use are read from the registry, so one registered outside the
+    package is offered too, and none that reads the frozen base model is."""
+    model = make_tiny_model(tiny_tokenizer)
+    for p in model.parameters():
+        p.ds_id = 0  # how DeepSpeed ZeRO-3 marks the parameters it partitions
+    with pytest.raises(ValueError) as refused:
+        check_copyable(model, ["kl"])
+    offered = str(refused.value).split("need no frozen copy (")[1].split(")")[0].split(", ")
+    assert set(offered) == {"ablate", "floor", "incremental", "lm_replay", "preventative", "toy_hidden_norm"}
 
 
 def test_a_setting_no_chosen_method_reads_is_named(caplog):
