@@ -17,9 +17,12 @@ whole cycles of both (checked). The ratio of a repetition is the configuration's
 repetition's plain mean step.
 
     python scripts/bench_anchor_cost.py                      # CPU: batch 4 × 128 tokens, about 25 minutes
+    python scripts/bench_anchor_cost.py --grad-accum 4 --configs "default (KL on 8 answers every step)" --tag ga4
     python scripts/bench_anchor_cost.py --device cuda --batch-size 8 --seq-len 512
 
-Writes ``scripts/results/bench_anchor_cost_<device>.{json,md,png}`` with ``uptime`` at the start and the end.
+The replayed batch runs once per *optimizer* step, so gradient accumulation (``--grad-accum``) spreads it over more
+trained tokens. Writes ``scripts/results/bench_anchor_cost_<device>[_<tag>].{json,md,png}`` with ``uptime`` at the
+start and the end; a result of another batch shape, model or precision is not overwritten (pass ``--tag``).
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_overhead import (  # the shared timing helpers of the overhead benchmark
     add_run_args,
     bench_axis,
+    fmt_batch,
     fmt_spread,
     fresh_process_runner,
     interleaved,
@@ -70,7 +74,10 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--reps", type=int, default=2, help="runs per configuration, interleaved")
     p.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS),
                    help="configurations to time (plain is always included)")
+    p.add_argument("--tag", default="", help="suffix of the result file names")
     args = p.parse_args(argv)
+    if args.grad_accum < 1:
+        raise SystemExit(f"--grad-accum {args.grad_accum}: give at least 1 micro-batch per optimizer step.")
     args.dtype = args.dtype or ("bf16" if args.device.startswith("cuda") else "fp32")
     timed = args.steps - args.warmup
     for label in args.configs:
@@ -78,7 +85,27 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         if timed < every or timed % every:
             raise SystemExit(f"--steps {args.steps} - --warmup {args.warmup} = {timed} timed steps is not a whole "
                              f"number of replay cycles of {label!r}; use a multiple of {every}.")
+    check_not_overwriting(args)
     return args
+
+
+SHAPE = ("model", "dtype", "batch_size", "seq_len", "grad_accum")
+
+
+def result_stem(out: Path, device: str, tag: str) -> Path:
+    return out / (f"bench_anchor_cost_{device}" + (f"_{tag}" if tag else ""))
+
+
+def check_not_overwriting(args: argparse.Namespace) -> None:
+    """Refuse, before any training, to replace a result measured at another batch shape, model or precision."""
+    path = result_stem(Path(args.out), "cuda" if args.device.startswith("cuda") else "cpu", args.tag)
+    if not path.with_suffix(".json").is_file():
+        return
+    earlier = json.loads(path.with_suffix(".json").read_text())
+    differ = [k for k in SHAPE if earlier.get(k, 1 if k == "grad_accum" else None) != getattr(args, k)]
+    if differ:
+        raise SystemExit(f"{path.with_suffix('.json')} was measured with other settings ({', '.join(differ)}) and "
+                         "would be overwritten. Pass --tag NAME to write beside it, or --out DIR.")
 
 
 def cycle(fields: dict | None) -> int:
@@ -136,12 +163,14 @@ def main(argv: list[str] | None = None) -> int:
     result.update({
         "device": torch.cuda.get_device_name() if gpu else f"cpu ({platform.processor() or platform.machine()})",
         "threads": None if gpu else runs[0]["threads"], "torch": torch.__version__, "model": args.model,
-        "dtype": args.dtype, "batch_size": args.batch_size, "seq_len": args.seq_len, "steps": args.steps,
+        "dtype": args.dtype, "batch_size": args.batch_size, "seq_len": args.seq_len, "grad_accum": args.grad_accum,
+        "steps": args.steps,
         "warmup": args.warmup, "reps": args.reps, "axis": axis_path, "target": TARGET, "rows": rows,
         "seconds": round(time.perf_counter() - started, 1), "uptime_at_end": uptime(),
         "runs": [{k: v for k, v in r.items() if k != "peak_bytes"} for r in runs],
     })
-    write(result, Path(args.out), "cuda" if gpu else "cpu")
+    device = "cuda" if gpu else "cpu"
+    write(result, result_stem(Path(args.out), device, args.tag), device)
     return 0
 
 
@@ -156,11 +185,10 @@ def verdict(row: dict) -> str:
     return f"noise-bound: {s['min']:.2f}–{s['max']:.2f} straddles {TARGET}"
 
 
-def write(result: dict, out: Path, device: str) -> None:
+def write(result: dict, stem: Path, device: str) -> None:
     from anchor.config import AnchorConfig
     from anchor.io import atomic_write_json, atomic_write_text
 
-    stem = out / f"bench_anchor_cost_{device}"
     atomic_write_json(stem.with_suffix(".json"), result)
     default = AnchorConfig()
     table = ["| configuration | AnchorConfig fields | mean step (s) | time ratio: median (min–max) | set-up (s) | "
@@ -172,8 +200,8 @@ def write(result: dict, out: Path, device: str) -> None:
         f"# The recommended anchor's cost per step ({device})", "",
         f"`{result['command']}`, {result['seconds']} s. Uptime at start: `{result['uptime_at_start']}`; at end: "
         f"`{result['uptime_at_end']}`.", "",
-        f"SFTTrainer on `{result['model']}` ({result['dtype']}), batch {result['batch_size']} × {result['seq_len']} "
-        f"tokens, device {result['device']}" + (f", torch threads {result['threads']}" if result["threads"] else "")
+        f"SFTTrainer on `{result['model']}` ({result['dtype']}), {fmt_batch(result)}, device {result['device']}"
+        + (f", torch threads {result['threads']}" if result["threads"] else "")
         + f", torch {result['torch']}. Anchor: `AnchorConfig()` = {' + '.join(default.method)} (replay "
         f"{default.replay_batch_size} answers of ≤ {default.replay_max_new_tokens} tokens, steering k "
         f"{default.steer_coefficient}), with the fields shown changed. {result['reps']} interleaved runs of "
@@ -195,7 +223,7 @@ def write(result: dict, out: Path, device: str) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.2))
     anchored = [r for r in result["rows"] if r["fields"] is not None]
     plot_ratio_bars(ax, [r["config"] for r in anchored], [r["time_ratio"] for r in anchored], TARGET,
-                    f"step time ÷ plain, batch {result['batch_size']} × {result['seq_len']} ({device})")
+                    f"step time ÷ plain, {fmt_batch(result)} ({device})")
     save_figure(fig, stem.with_suffix(".png"))
     plt.close(fig)
     print("\n".join(table))

@@ -57,6 +57,8 @@ def add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads, set in every process (CPU only)")
     p.add_argument("--axis", default=None, help="axis bundle (default: a prompt-mode axis computed once and cached)")
     p.add_argument("--out", default=str(RESULTS))
+    p.add_argument("--grad-accum", type=int, default=1,
+                   help="micro-batches per optimizer step (an anchor's once-per-step replayed batch is shared by them)")
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
@@ -118,6 +120,13 @@ def verdict(s: dict, target: float, bound: str) -> str:
         return f"noise-bound: the spread {s['min']:.3f}–{s['max']:.3f} straddles {sign} {target}"
     text = f"meets {sign} {target}" if ok else f"misses {sign} {target}"
     return text + (" (median on the wrong side of 1: noise-bound)" if wrong_side else "")
+
+
+def fmt_batch(result: dict) -> str:
+    """The trained batch of a result: per-device examples × tokens, and the micro-batches per optimizer step."""
+    accum = result.get("grad_accum", 1)
+    return (f"batch {result['batch_size']} × {result['seq_len']} tokens"
+            + (f" × {accum} micro-batches per optimizer step" if accum > 1 else ""))
 
 
 def fmt_spread(s: dict) -> str:
@@ -244,11 +253,12 @@ def train_run(args: argparse.Namespace, axis_path: str, method: str | None, step
     with tempfile.TemporaryDirectory() as out:
         config = SFTConfig(
             output_dir=out, max_steps=steps, per_device_train_batch_size=args.batch_size, learning_rate=1e-5,
+            gradient_accumulation_steps=args.grad_accum,
             logging_steps=1000, report_to="none", save_strategy="no", dataloader_num_workers=0, disable_tqdm=True,
             use_cpu=not gpu, bf16=args.dtype == "bf16", max_length=args.seq_len, seed=0,
         )
         trainer = SFTTrainer(model=model, args=config, processing_class=tokenizer, callbacks=callbacks,
-                             train_dataset=dataset(args.seq_len, steps * args.batch_size))
+                             train_dataset=dataset(args.seq_len, steps * args.batch_size * args.grad_accum))
         if gpu:
             torch.cuda.reset_peak_memory_stats()
         started = time.perf_counter()
@@ -406,7 +416,7 @@ def main(argv: list[str] | None = None) -> int:
     result.update({
         "device": torch.cuda.get_device_name() if gpu else f"cpu ({platform.processor() or platform.machine()})",
         "threads": None if gpu else threads, "torch": torch.__version__, "model": args.model, "dtype": args.dtype,
-        "batch_size": args.batch_size, "seq_len": args.seq_len, "steps": args.steps,
+        "batch_size": args.batch_size, "seq_len": args.seq_len, "grad_accum": args.grad_accum, "steps": args.steps,
         "replay_steps": args.replay_steps, "warmup": args.warmup, "reps": args.reps,
         "replay_reps": args.replay_reps, "axis": axis_path,
         "peak_memory_kind": "torch.cuda.max_memory_allocated" if gpu else "peak RSS of a fresh process (ru_maxrss)",
@@ -472,8 +482,8 @@ def write(result: dict, out: Path, device: str) -> None:
         f"# Anchor overhead ({device})", "",
         f"`{result['command']}`, {result['seconds']} s. Uptime at start: `{result['uptime_at_start']}`; at end: "
         f"`{result['uptime_at_end']}`.", "",
-        f"SFTTrainer on `{result['model']}` ({result['dtype']}), batch {result['batch_size']} × {result['seq_len']} "
-        f"tokens, device {result['device']}" + (f", torch threads {result['threads']}" if result["threads"] else "")
+        f"SFTTrainer on `{result['model']}` ({result['dtype']}), {fmt_batch(result)}, device {result['device']}"
+        + (f", torch threads {result['threads']}" if result["threads"] else "")
         + f", torch {result['torch']}. Each training run is a fresh process; configurations interleaved, the order "
         f"reversed every other repetition. {result['reps']} runs of {result['steps']} steps per configuration "
         f"({result['replay_reps']} runs of {result['replay_steps']} steps for methods that replay a batch), the first "
