@@ -76,8 +76,6 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
                    help="configurations to time (plain is always included)")
     p.add_argument("--tag", default="", help="suffix of the result file names")
     args = p.parse_args(argv)
-    if args.grad_accum < 1:
-        raise SystemExit(f"--grad-accum {args.grad_accum}: give at least 1 micro-batch per optimizer step.")
     args.dtype = args.dtype or ("bf16" if args.device.startswith("cuda") else "fp32")
     timed = args.steps - args.warmup
     for label in args.configs:
@@ -89,20 +87,25 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-SHAPE = ("model", "dtype", "batch_size", "seq_len", "grad_accum")
+SHAPE = {"model": None, "dtype": None, "batch_size": None, "seq_len": None, "grad_accum": 1}
+"""The settings a result is measured at, with the value a result written before the setting existed was run at."""
 
 
-def result_stem(out: Path, device: str, tag: str) -> Path:
-    return out / (f"bench_anchor_cost_{device}" + (f"_{tag}" if tag else ""))
+def device_kind(args: argparse.Namespace) -> str:
+    return "cuda" if args.device.startswith("cuda") else "cpu"
+
+
+def result_stem(args: argparse.Namespace) -> Path:
+    return Path(args.out) / (f"bench_anchor_cost_{device_kind(args)}" + (f"_{args.tag}" if args.tag else ""))
 
 
 def check_not_overwriting(args: argparse.Namespace) -> None:
     """Refuse, before any training, to replace a result measured at another batch shape, model or precision."""
-    path = result_stem(Path(args.out), "cuda" if args.device.startswith("cuda") else "cpu", args.tag)
+    path = result_stem(args)
     if not path.with_suffix(".json").is_file():
         return
     earlier = json.loads(path.with_suffix(".json").read_text())
-    differ = [k for k in SHAPE if earlier.get(k, 1 if k == "grad_accum" else None) != getattr(args, k)]
+    differ = [k for k, unrecorded in SHAPE.items() if earlier.get(k, unrecorded) != getattr(args, k)]
     if differ:
         raise SystemExit(f"{path.with_suffix('.json')} was measured with other settings ({', '.join(differ)}) and "
                          "would be overwritten. Pass --tag NAME to write beside it, or --out DIR.")
@@ -169,8 +172,7 @@ def main(argv: list[str] | None = None) -> int:
         "seconds": round(time.perf_counter() - started, 1), "uptime_at_end": uptime(),
         "runs": [{k: v for k, v in r.items() if k != "peak_bytes"} for r in runs],
     })
-    device = "cuda" if gpu else "cpu"
-    write(result, result_stem(Path(args.out), device, args.tag), device)
+    write(result, result_stem(args), device_kind(args))
     return 0
 
 

@@ -42,6 +42,8 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TypeVar
 
+from anchor.commands.options import at_least
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "scripts" / "results"
 TARGETS = {"time": 1.02, "memory": 1.01}
@@ -57,7 +59,7 @@ def add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads, set in every process (CPU only)")
     p.add_argument("--axis", default=None, help="axis bundle (default: a prompt-mode axis computed once and cached)")
     p.add_argument("--out", default=str(RESULTS))
-    p.add_argument("--grad-accum", type=int, default=1,
+    p.add_argument("--grad-accum", type=at_least(1, "at least 1 micro-batch per optimizer step"), default=1,
                    help="micro-batches per optimizer step (an anchor's once-per-step replayed batch is shared by them)")
 
 

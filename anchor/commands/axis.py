@@ -5,28 +5,12 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 
-from anchor.commands.options import add_model_options, load_model_from_args
+from anchor.commands.options import add_model_options, at_least, load_model_from_args
 
 SAMPLING = ("roles", "questions", "prompts_per_role", "max_new_tokens", "mode")
 """The options ``--budget-s`` chooses."""
-
-
-def _at_least(minimum: int, why: str) -> Callable[[str], int]:
-    """An argparse type: an integer >= ``minimum``, refused at parse time (before the model loads)."""
-
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"{value} is below {minimum}: {why}")
-        return value
-
-    return parse
 
 
 def _seconds(text: str) -> float:
@@ -49,18 +33,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--budget-s", type=_seconds, default=None,
                    help="choose roles, questions, tokens and mode to fit about this many seconds (the frontier "
                         "measured by scripts/bench_axis.py, scaled by a short speed probe of this model here)")
-    p.add_argument("--roles", type=_at_least(2, "an axis compares at least 2 roles"), default=None,
+    p.add_argument("--roles", type=at_least(2, "an axis compares at least 2 roles"), default=None,
                    help="number of shipped roles to sample (default: all)")
-    p.add_argument("--questions", type=_at_least(1, "ask at least 1 question"), default=None,
+    p.add_argument("--questions", type=at_least(1, "ask at least 1 question"), default=None,
                    help="number of shipped questions (default: all)")
     p.add_argument("--roles-file", default=None, help="your own roles (JSON/JSONL in the shipped schema)")
     p.add_argument("--questions-file", default=None, help="your own questions (JSON, JSONL or .txt)")
-    p.add_argument("--prompts-per-role", type=_at_least(1, "1 uses each role's first system prompt"), default=None,
+    p.add_argument("--prompts-per-role", type=at_least(1, "1 uses each role's first system prompt"), default=None,
                    help="system prompts used per role (default all)")
     p.add_argument("--mode", choices=("generate", "prompt"), default=None, help="default generate")
-    p.add_argument("--max-new-tokens", type=_at_least(2, "the last generated token is never fed back"), default=None,
+    p.add_argument("--max-new-tokens", type=at_least(2, "the last generated token is never fed back"), default=None,
                    help="tokens generated per answer (default 32)")
-    p.add_argument("--batch-size", type=_at_least(1, "a batch holds at least 1 answer"), default=128)
+    p.add_argument("--batch-size", type=at_least(1, "a batch holds at least 1 answer"), default=128)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
 

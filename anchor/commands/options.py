@@ -12,12 +12,28 @@ from __future__ import annotations
 
 import argparse
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 DEFAULT_MODEL = "smollm2"
 """``anchor.models.EMBEDDED``, written out so that ``anchor --help`` does not import torch (a test keeps them equal)."""
 HUB_TIMEOUT_S = 3.0
 """How long to wait for the model hub before deciding there is no network (and using the local cache only)."""
+
+
+def at_least(minimum: int, why: str) -> Callable[[str], int]:
+    """An argparse type: an integer >= ``minimum``, refused at parse time (before the model loads)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{value} is below {minimum}: {why}")
+        return value
+
+    return parse
 
 
 def add_model_options(parser: argparse.ArgumentParser, seed: bool = False) -> None:
