@@ -72,6 +72,22 @@ def match_penalty(proj: torch.Tensor, ref: torch.Tensor, gap: float, mask: torch
     return sequence_mean(((proj - ref) / gap) ** 2, mask)
 
 
+def answer_window(answer_mask: torch.Tensor) -> int:
+    """How many final positions of the right-padded ``[N, T]`` batch an answer-token loss needs logits at: from the
+    one that predicts the earliest answer token of any row to the end (``logits_to_keep`` in transformers).
+
+    The LM head and the log-softmax over the vocabulary cost per position, and on a replayed default answer about
+    half the positions are its prompt, whose logits no loss reads; slicing ``ids`` and ``answer_mask`` to the same
+    last columns leaves every loss below exactly as over the whole batch.
+    """
+    width = answer_mask.shape[1]
+    has_answer = answer_mask.any(dim=1)
+    if not bool(has_answer.any()):
+        return width
+    first = int(answer_mask[has_answer].float().argmax(dim=1).min())
+    return min(width, width - first + 1)
+
+
 def answer_lm_loss(logits: torch.Tensor, ids: torch.Tensor, answer_mask: torch.Tensor) -> torch.Tensor:
     """The ordinary LM loss of ``ids [N, T]`` on its ``answer_mask`` tokens: per-token NLL averaged over every answer
     token of the batch (what a causal LM returns with ``labels``), so longer answers weigh more. Added once per
@@ -81,4 +97,5 @@ def answer_lm_loss(logits: torch.Tensor, ids: torch.Tensor, answer_mask: torch.T
     return (nll * mask).sum() / mask.sum().clamp(min=1)
 
 
-__all__ = ["IGNORE_INDEX", "AddAux", "answer_lm_loss", "floor_penalty", "match_penalty", "row_means", "sequence_mean"]
+__all__ = ["IGNORE_INDEX", "AddAux", "answer_lm_loss", "answer_window", "floor_penalty", "match_penalty", "row_means",
+           "sequence_mean"]

@@ -9,7 +9,7 @@ from anchor.axis import AssistantAxis, PersonaSpace
 from anchor.capping import Steer
 from anchor.engine import Anchor, default_layers
 from anchor.hooks import LayerHooks
-from anchor.loss import floor_penalty, match_penalty, sequence_mean
+from anchor.loss import answer_window, floor_penalty, match_penalty, sequence_mean
 from anchor.reference import Reference
 from tests.conftest import make_tiny_model
 
@@ -400,3 +400,14 @@ def test_bad_arguments_are_refused(tiny_tokenizer, tiny_axis):
         Anchor(model, tiny_axis, "match")
     with pytest.raises(ValueError, match="out of range"):
         Anchor(model, tiny_axis, "floor", layers=[4])
+
+
+def test_answer_window_starts_at_the_position_predicting_the_earliest_answer_token():
+    answer = torch.zeros(3, 10, dtype=torch.bool)
+    answer[0, 6:9] = True
+    answer[1, 4:7] = True  # the earliest answer token: position 3 predicts it, so 10 - 3 = 7 positions
+    assert answer_window(answer) == 7
+    assert answer_window(answer[:1]) == 5
+    assert answer_window(torch.zeros(2, 10, dtype=torch.bool)) == 10  # nothing to read: every position
+    answer[2, 0] = True  # an answer at the first position has no predicting position: every position
+    assert answer_window(answer) == 10

@@ -174,6 +174,26 @@ def test_kl_gradient_equals_the_explicit_kl_to_the_base_model(tiny_tokenizer, ti
     assert float((injected - explicit).norm() / explicit.norm()) <= 1e-6
 
 
+@pytest.mark.parametrize("method", ["kl", "lm_replay"])
+def test_replayed_terms_compute_logits_only_where_an_answer_token_is_predicted(tiny_tokenizer, tiny_axis, method):
+    """The LM head runs on the positions from the one predicting the earliest answer token on, not on the prompts
+    (the term itself is checked against the whole-batch formula by the gradient tests)."""
+    ids, attention, answer = _answers(len(tiny_tokenizer))  # the earliest answer token is at position 4 of 10
+    model = make_tiny_model(tiny_tokenizer).train()
+    anchor = Anchor(model, tiny_axis, method, LAYERS, 1.0, reference=Reference(model))
+    if method == "kl":
+        anchor.method(method).set_batch(anchor, ids, attention, answer, step=0)
+    else:
+        anchor.method(method).set_batch(ids, attention, answer)
+    widths: list[int] = []
+    model.lm_head.register_forward_hook(lambda module, args, out: widths.append(args[0].shape[1]))
+    anchor.start_step(0)
+    model(**_batch(len(tiny_tokenizer)))
+    anchor.detach()
+    assert widths[-1] == 12  # the trained batch: every position
+    assert set(widths[:-1]) == {7}  # the replayed batch, and for KL the reference's pass over it
+
+
 @pytest.mark.parametrize("method", ["kl", "replay"])
 def test_on_policy_methods_sample_the_model_and_vanish_at_the_base(tiny_tokenizer, tiny_axis, method):
     """On-policy terms re-sample the current model's answers when due, are 0 while it is the base, and grow after."""

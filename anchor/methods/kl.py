@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn.functional as F
 
-from anchor.loss import sequence_mean
+from anchor.loss import answer_window, sequence_mean
 from anchor.methods.base import OnPolicyMethod, register_method
 
 if TYPE_CHECKING:
@@ -42,13 +42,14 @@ class KL(OnPolicyMethod):
         if self.batch is None:
             return None
         b = {k: v.to(engine.device) for k, v in self.batch.items()}
-        inputs = {"input_ids": b["input_ids"], "attention_mask": b["attention_mask"]}
+        keep = answer_window(b["answer_mask"])  # logits only where an answer token is predicted
+        inputs = {"input_ids": b["input_ids"], "attention_mask": b["attention_mask"], "logits_to_keep": keep}
         if self._ref_logp is None:
             self._ref_logp = F.log_softmax(engine.forward(inputs, reference=True)[0].logits[:, :-1].float(), dim=-1)
         logp = F.log_softmax(engine.forward(inputs)[0].logits[:, :-1].float(), dim=-1)
         ref = self._ref_logp
-        kl = (ref.exp() * (ref - logp)).sum(dim=-1)  # [N, T-1]: position t predicts token t+1
-        loss = sequence_mean(kl, b["answer_mask"][:, 1:])
+        kl = (ref.exp() * (ref - logp)).sum(dim=-1)  # [N, keep-1]: each position predicts the next token
+        loss = sequence_mean(kl, b["answer_mask"][:, -keep:][:, 1:])
         engine.add_metric("kl", loss.detach(), 1.0)
         return loss
 

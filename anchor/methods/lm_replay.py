@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from anchor.loss import answer_lm_loss
+from anchor.loss import answer_lm_loss, answer_window
 from anchor.methods.base import AnchorMethod, RunContext, default_prompts, register_method, replay_questions
 
 if TYPE_CHECKING:
@@ -84,8 +84,10 @@ class LMReplay(AnchorMethod):
         if self.batch is None:
             return None
         b = {k: v.to(engine.device) for k, v in self.batch.items()}
-        output, _ = engine.forward({"input_ids": b["input_ids"], "attention_mask": b["attention_mask"]})
-        loss = answer_lm_loss(output.logits, b["input_ids"], b["answer_mask"])
+        keep = answer_window(b["answer_mask"])  # logits only where an answer token is predicted
+        output, _ = engine.forward({"input_ids": b["input_ids"], "attention_mask": b["attention_mask"],
+                                    "logits_to_keep": keep})
+        loss = answer_lm_loss(output.logits, b["input_ids"][:, -keep:], b["answer_mask"][:, -keep:])
         engine.add_metric("lm_replay_loss", loss.detach(), 1.0)
         return loss
 
