@@ -18,6 +18,8 @@ repetition's plain mean step.
 
     python scripts/bench_anchor_cost.py                      # CPU: batch 4 × 128 tokens, about 25 minutes
     python scripts/bench_anchor_cost.py --grad-accum 4 --configs "default (KL on 8 answers every step)" --tag ga4
+    python scripts/bench_anchor_cost.py --configs "default (KL on 8 answers every step)" replay_batch_size=4 \
+        replay_every=2 --tag halved                    # the two ways to halve the replayed tokens per step
     python scripts/bench_anchor_cost.py --device cuda --batch-size 8 --seq-len 512
 
 The replayed batch runs once per *optimizer* step, so gradient accumulation (``--grad-accum``) spreads it over more
@@ -55,6 +57,8 @@ from bench_overhead import (  # the shared timing helpers of the overhead benchm
 CONFIGS: dict[str, dict | None] = {
     "plain": None,
     "default (KL on 8 answers every step)": {},
+    "replay_batch_size=4": {"replay_batch_size": 4},
+    "replay_every=2": {"replay_every": 2},
     "replay_batch_size=1": {"replay_batch_size": 1},
     "replay_every=5": {"replay_every": 5},
     "replay_every=10": {"replay_every": 10},
