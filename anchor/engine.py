@@ -226,6 +226,8 @@ class Anchor:
         self._mask = self._token_mask(args, kwargs)
         active = self._active()
         inputs = self._forward_inputs(args, kwargs)
+        trained = self._n_tokens(inputs)
+        self.add_metric("extra_tokens_ratio", torch.zeros((), device=trained.device), trained)
         for m in active:
             m.before_forward(self, inputs)
         if self._step_due:
@@ -247,6 +249,15 @@ class Anchor:
         if args and "input_ids" not in inputs:
             inputs["input_ids"] = args[0]
         return inputs
+
+    @staticmethod
+    def _n_tokens(inputs: dict[str, Any]) -> torch.Tensor:
+        """How many tokens a forward runs on: its attention mask's, else every position."""
+        mask = inputs.get("attention_mask")
+        if isinstance(mask, torch.Tensor):
+            return mask.sum().float()
+        ids = inputs["input_ids"] if "input_ids" in inputs else inputs["inputs_embeds"]
+        return torch.tensor(float(ids.shape[0] * ids.shape[1]), device=ids.device)
 
     @staticmethod
     def _token_mask(args: tuple, kwargs: dict) -> torch.Tensor | None:
@@ -280,6 +291,8 @@ class Anchor:
                 with self.reference.active() as module:
                     output = module(**inputs, use_cache=False)
             else:
+                if torch.is_grad_enabled():
+                    self.add_metric("extra_tokens_ratio", self._n_tokens(inputs), 0.0)
                 output = self.base(**inputs, use_cache=False)
         except _Stop:
             output = None
@@ -410,8 +423,10 @@ class Anchor:
 
         Names: ``penalty`` (the per-layer methods' penalties, each averaged over its layers, λ not applied),
         ``proj/layer_{i}`` (mean projection of the training tokens), ``below_floor`` (fraction of training sequences
-        whose mean projection is below τ), ``nonfinite`` (fraction of tokens whose projection was NaN/Inf), and
-        whatever the methods add (``lm_replay_loss``, ``replay_penalty``, ``kl``).
+        whose mean projection is below τ), ``nonfinite`` (fraction of tokens whose projection was NaN/Inf),
+        ``extra_tokens_ratio`` (tokens of the methods' own forwards with gradients per token of the trainer's: the
+        anchor's step costs about 1 + this many plain steps, plus any sampling), and whatever the methods add
+        (``lm_replay_loss``, ``replay_penalty``, ``kl``).
         """
         out = {k: (v[0], v[1]) for k, v in self._metrics.items()}
         self._metrics = {}

@@ -194,6 +194,21 @@ def test_replayed_terms_compute_logits_only_where_an_answer_token_is_predicted(t
     assert set(widths[:-1]) == {7}  # the replayed batch, and for KL the reference's pass over it
 
 
+def test_the_extra_token_ratio_counts_the_replayed_tokens_against_every_trained_micro_batch(tiny_tokenizer, tiny_axis):
+    """``extra_tokens_ratio``: the tokens of the methods' forwards with gradients (not the reference's) over the
+    trainer's, summed over the step's micro-batches: what the anchor adds to a step's compute."""
+    ids, attention, answer = _answers(len(tiny_tokenizer))  # 10 + 8 tokens under the attention mask
+    batch = _batch(len(tiny_tokenizer))  # 3 x 12 tokens
+    model = make_tiny_model(tiny_tokenizer).train()
+    with Anchor(model, tiny_axis, "kl", LAYERS, 1.0, reference=Reference(model)) as anchor:
+        anchor.method("kl").set_batch(anchor, ids, attention, answer, step=0)
+        anchor.start_step(0)
+        model(**batch)
+        model(**batch)  # a second micro-batch: the replayed batch is not run again
+        extra, trained = anchor.pop_metrics()["extra_tokens_ratio"]
+    assert (extra.item(), trained.item()) == (18.0, 72.0)
+
+
 @pytest.mark.parametrize("method", ["kl", "replay"])
 def test_on_policy_methods_sample_the_model_and_vanish_at_the_base(tiny_tokenizer, tiny_axis, method):
     """On-policy terms re-sample the current model's answers when due, are 0 while it is the base, and grow after."""
