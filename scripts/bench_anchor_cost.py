@@ -162,6 +162,7 @@ def main(argv: list[str] | None = None) -> int:
             "step_s": statistics.median(mean_step(r, args.warmup) for r in mine),
             "setup_s": statistics.median(r["setup_s"] for r in mine),
             "time_ratio": spread([mean_step(r, args.warmup) / mean_step(plain[r["rep"]], args.warmup) for r in mine]),
+            "extra_tokens_ratio": mine[0].get("extra_tokens_ratio"),  # the same data and seed in every repetition
             "reps": len(mine),
         })
     import torch
@@ -191,17 +192,21 @@ def verdict(row: dict) -> str:
     return f"noise-bound: {s['min']:.2f}–{s['max']:.2f} straddles {TARGET}"
 
 
+def fmt_extra(ratio: float | None) -> str:
+    return "—" if ratio is None else f"{ratio:.2f}"
+
+
 def write(result: dict, stem: Path, device: str) -> None:
     from anchor.config import AnchorConfig
     from anchor.io import atomic_write_json, atomic_write_text
 
     atomic_write_json(stem.with_suffix(".json"), result)
     default = AnchorConfig()
-    table = ["| configuration | AnchorConfig fields | mean step (s) | time ratio: median (min–max) | set-up (s) | "
-             "runs | verdict |", "|---|---|---|---|---|---|---|"]
+    table = ["| configuration | AnchorConfig fields | mean step (s) | time ratio: median (min–max) | anchor's tokens "
+             "per trained token | set-up (s) | runs | verdict |", "|---|---|---|---|---|---|---|---|"]
     table += [f"| {r['config']} | {json.dumps(r['fields']) if r['fields'] is not None else '-'} | {r['step_s']:.3f} | "
-              f"{fmt_spread(r['time_ratio'])} | {r['setup_s']:.1f} | {r['reps']} | {verdict(r)} |"
-              for r in result["rows"]]
+              f"{fmt_spread(r['time_ratio'])} | {fmt_extra(r.get('extra_tokens_ratio'))} | {r['setup_s']:.1f} | "
+              f"{r['reps']} | {verdict(r)} |" for r in result["rows"]]
     text = [
         f"# The recommended anchor's cost per step ({device})", "",
         f"`{result['command']}`, {result['seconds']} s. Uptime at start: `{result['uptime_at_start']}`; at end: "
@@ -217,7 +222,9 @@ def write(result: dict, stem: Path, device: str) -> None:
         *table, "",
         "The cost is about the replayed tokens over the trained tokens per step (plus, for KL, one sampling of the "
         "replayed answers every `replay_refresh_steps` steps): it is larger for short training sequences (as here) "
-        "than for long ones, and falls with `replay_every` = N.", "",
+        "than for long ones, and falls with `replay_every` = N. The anchor's tokens per trained token is the "
+        "callback's `anchor/extra_tokens_ratio` over the run (— where the run predates it, or plain): a step "
+        "costs about 1 + that, plus the sampling.", "",
         f"Plot: `{stem.with_suffix('.png').name}`.",
     ]
     atomic_write_text(stem.with_suffix(".md"), "\n".join(text) + "\n")

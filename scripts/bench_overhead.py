@@ -266,8 +266,11 @@ def train_run(args: argparse.Namespace, axis_path: str, method: str | None, step
         started = time.perf_counter()
         trainer.train()
     peak = torch.cuda.max_memory_allocated() if gpu else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    # the anchor's own tokens per trained token over the run (AnchorCallback logs it with the trainer's last log)
+    extra = [e["anchor/extra_tokens_ratio"] for e in trainer.state.log_history if "anchor/extra_tokens_ratio" in e]
     return {"method": method or "plain", "step_times": clock.times, "setup_s": clock.begin - started,
-            "peak_bytes": peak, "threads": torch.get_num_threads(), "probe_every": probe_every}
+            "peak_bytes": peak, "threads": torch.get_num_threads(), "probe_every": probe_every,
+            "extra_tokens_ratio": extra[-1] if extra else None}
 
 
 def interleaved(order: Sequence[T], reps: int) -> Iterator[tuple[int, T]]:
