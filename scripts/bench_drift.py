@@ -108,6 +108,8 @@ ARMS: dict[str, Callable[[float, Bench], dict[str, Any]]] = {
     "prev+kl": lambda s, b: dict(method=["preventative", "kl"], method_weights=[1.0, s], **b.steering, **b.replay),
     "prev+kl-b1": lambda s, b: dict(method=["preventative", "kl"], method_weights=[1.0, s], **b.steering,
                                     **{**b.replay, "replay_batch_size": 1}),  # KL on one sampled answer per step
+    "prev+kl-b2": lambda s, b: dict(method=["preventative", "kl"], method_weights=[1.0, s], **b.steering,
+                                    **{**b.replay, "replay_batch_size": 2}),  # a quarter of the default's tokens
     "prev+kl-b4": lambda s, b: dict(method=["preventative", "kl"], method_weights=[1.0, s], **b.steering,
                                     **{**b.replay, "replay_batch_size": 4}),  # half the default's replayed tokens
     "prev+kl-e2": lambda s, b: dict(method=["preventative", "kl"], method_weights=[1.0, s], **b.steering,
@@ -143,7 +145,8 @@ DEFAULT_GRID: dict[str, tuple[float, ...]] = {
     "prev+lm": (1.0,), "prev+lm-b1": (1.0,), "prev+lm-e4": (1.0,), "prev+lm-e8": (1.0,),
     "prevk+lm-b1": (0.0025, 0.005, 0.01),
     "screened": (5.0,),
-    "preventative": (0.005, 0.01, 0.02), "prev+kl": (1.0,), "prev+kl-b4": (1.0,), "prev+kl-e2": (1.0,),
+    "preventative": (0.005, 0.01, 0.02), "prev+kl": (1.0,),
+    "prev+kl-b2": (1.0,), "prev+kl-b4": (1.0,), "prev+kl-e2": (1.0,),
     "lm-replay": (0.3, 1.0, 3.0),
     "kl": (0.3, 1.0, 3.0), "incremental": (0.25, 0.5, 1.0), "ablate": (0.5, 0.75, 1.0), "abl+kl": (1.0,),
     "inoculate": (1.0,), "replay": (1.0, 10.0), "match": (1.0, 10.0), "floor": (1.0, 10.0),
