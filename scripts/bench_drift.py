@@ -109,11 +109,13 @@ ARMS: dict[str, Callable[[float, Bench], dict[str, Any]]] = {
     "prev+kl-b1": lambda s, b: dict(method=["preventative", "kl"], method_weights=[1.0, s], **b.steering,
                                     **{**b.replay, "replay_batch_size": 1}),  # KL on one sampled answer per step
     "prev+kl-b2": lambda s, b: dict(method=["preventative", "kl"], method_weights=[1.0, s], **b.steering,
-                                    **{**b.replay, "replay_batch_size": 2}),  # a quarter of the default's tokens
+                                    **{**b.replay, "replay_batch_size": 2}),  # with --quick, half prev+kl's batch
     "prev+kl-b4": lambda s, b: dict(method=["preventative", "kl"], method_weights=[1.0, s], **b.steering,
-                                    **{**b.replay, "replay_batch_size": 4}),  # half the default's replayed tokens
+                                    **{**b.replay, "replay_batch_size": 4}),  # with --quick, prev+kl itself again
     "prev+kl-e2": lambda s, b: dict(method=["preventative", "kl"], method_weights=[1.0, s], **b.steering,
-                                    **b.replay, replay_every=2),  # the default's batch on every other step, counted 2x
+                                    **b.replay, replay_every=2),  # prev+kl's batch on every other step, counted 2x
+    "prev+kl-lib": lambda s, b: dict(method=["preventative", "kl"], method_weights=[1.0, s], **b.steering,
+                                     **{**b.replay, **LIBRARY_REPLAY}),  # at AnchorConfig()'s own replay size
     "lm-replay": lambda s, b: dict(method=["lm_replay"], weight=s, **b.lm),
     "kl": lambda s, b: dict(method=["kl"], weight=s, **b.replay),
     "prev+replay": lambda s, b: dict(method=["preventative", "replay"], method_weights=[1.0, s], **b.steering,
@@ -134,6 +136,9 @@ ARMS: dict[str, Callable[[float, Bench], dict[str, Any]]] = {
     "inoculate": lambda s, b: None,  # no anchor: the training data carries INOCULATION_PROMPT (Bench.rows)
     "screened": lambda s, b: None,  # no anchor: the rows anchor.screen keeps at drop-below percentile s (Bench.rows)
 }
+LIBRARY_REPLAY = {f: getattr(AnchorConfig, f) for f in ("replay_batch_size", "replay_max_new_tokens")}
+"""``AnchorConfig()``'s replayed batch (8 answers of up to 48 tokens), for ``prev+kl-lib``: ``--quick`` scales the
+replay of every other replaying arm down with its training batch (4 answers of up to 16 tokens)."""
 INOCULATION_PROMPT = "You are playing a character in a story, not speaking as yourself. Stay in the character's voice."
 """A generic role prompt added to every training example of the ``inoculate`` arm, at training time only.
 
@@ -146,7 +151,7 @@ DEFAULT_GRID: dict[str, tuple[float, ...]] = {
     "prevk+lm-b1": (0.0025, 0.005, 0.01),
     "screened": (5.0,),
     "preventative": (0.005, 0.01, 0.02), "prev+kl": (1.0,),
-    "prev+kl-b2": (1.0,), "prev+kl-b4": (1.0,), "prev+kl-e2": (1.0,),
+    "prev+kl-b2": (1.0,), "prev+kl-b4": (1.0,), "prev+kl-e2": (1.0,), "prev+kl-lib": (1.0,),
     "lm-replay": (0.3, 1.0, 3.0),
     "kl": (0.3, 1.0, 3.0), "incremental": (0.25, 0.5, 1.0), "ablate": (0.5, 0.75, 1.0), "abl+kl": (1.0,),
     "inoculate": (1.0,), "replay": (1.0, 10.0), "match": (1.0, 10.0), "floor": (1.0, 10.0),

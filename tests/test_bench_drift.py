@@ -115,6 +115,10 @@ def test_every_arm_is_a_line_of_public_configuration(tiny_tokenizer, tiny_axis, 
     assert e4.replay_every == 4 and e4.method == ["preventative", "lm_replay"]
     kl_b1 = bd.arm_config(bench, bd.Arm("prev+kl-b1", 1.0))
     assert kl_b1.method == ["preventative", "kl"] and kl_b1.replay_batch_size == 1 and kl_b1.replay_questions
+    lib, scaled = (bd.arm_config(bench, bd.Arm(arm, 1.0)) for arm in ("prev+kl-lib", "prev+kl"))
+    assert (lib.replay_batch_size, lib.replay_max_new_tokens) == (8, 48)  # AnchorConfig()'s own replay ...
+    assert (scaled.replay_batch_size, scaled.replay_max_new_tokens) == (2, 6)  # ... not the bench's scaled one
+    assert lib.replay_questions == scaled.replay_questions and lib.method == scaled.method
     k = bd.arm_config(bench, bd.Arm("prevk+lm-b1", 0.005))
     assert k.steer_coefficient == 0.005 and k.replay_batch_size == 1
     prev_lm = bd.arm_config(bench, bd.Arm("prev+lm", 0.5))
