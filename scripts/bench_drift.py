@@ -99,27 +99,29 @@ REFERENCE_AXIS = RESULTS / "reference_axis"
 TARGET_RATIO = 0.2  # anchored drift within 20% of unanchored ...
 TARGET_TASK = 0.05  # ... with task loss at most 5% above unanchored
 
+
+def steered(method: str, s: float, b: Bench, **replay: Any) -> dict[str, Any]:
+    """Preventative steering (the bench's band and k) composed with ``method`` at weight ``s``, on its replay block
+    (``b.lm`` for LM replay, ``b.replay`` for the on-policy methods) with ``replay`` fields changed."""
+    block = b.lm if method == "lm_replay" else b.replay
+    return dict(method=["preventative", method], method_weights=[1.0, s], **b.steering, **{**block, **replay})
+
+
 # Arms: name -> (the AnchorConfig fields of the arm at strength s, for a bench b). Axis-free arms are controls.
 ARMS: dict[str, Callable[[float, Bench], dict[str, Any]]] = {
-    "prev+lm": lambda s, b: dict(method=["preventative", "lm_replay"], method_weights=[1.0, s], **b.steering, **b.lm),
-    "prev+lm-b1": lambda s, b: dict(method=["preventative", "lm_replay"], method_weights=[1.0, s], **b.steering,
-                                    **{**b.lm, "replay_batch_size": 1}),  # one replayed answer per step: cheaper
+    "prev+lm": lambda s, b: steered("lm_replay", s, b),
+    "prev+lm-b1": lambda s, b: steered("lm_replay", s, b, replay_batch_size=1),  # one replayed answer per step
     "preventative": lambda s, b: dict(method=["preventative"], **{**b.steering, "steer_coefficient": s}),
-    "prev+kl": lambda s, b: dict(method=["preventative", "kl"], method_weights=[1.0, s], **b.steering, **b.replay),
-    "prev+kl-b1": lambda s, b: dict(method=["preventative", "kl"], method_weights=[1.0, s], **b.steering,
-                                    **{**b.replay, "replay_batch_size": 1}),  # KL on one sampled answer per step
-    "prev+kl-b2": lambda s, b: dict(method=["preventative", "kl"], method_weights=[1.0, s], **b.steering,
-                                    **{**b.replay, "replay_batch_size": 2}),  # with --quick, half prev+kl's batch
-    "prev+kl-b4": lambda s, b: dict(method=["preventative", "kl"], method_weights=[1.0, s], **b.steering,
-                                    **{**b.replay, "replay_batch_size": 4}),  # with --quick, prev+kl itself again
-    "prev+kl-e2": lambda s, b: dict(method=["preventative", "kl"], method_weights=[1.0, s], **b.steering,
-                                    **b.replay, replay_every=2),  # prev+kl's batch on every other step, counted 2x
-    "prev+kl-lib": lambda s, b: dict(method=["preventative", "kl"], method_weights=[1.0, s], **b.steering,
-                                     **{**b.replay, **LIBRARY_REPLAY}),  # at AnchorConfig()'s own replay size
+    "prev+kl": lambda s, b: steered("kl", s, b),
+    "prev+kl-b1": lambda s, b: steered("kl", s, b, replay_batch_size=1),  # KL on one sampled answer per step
+    "prev+kl-b2": lambda s, b: steered("kl", s, b, replay_batch_size=2),  # with --quick, half prev+kl's batch
+    "prev+kl-b4": lambda s, b: steered("kl", s, b, replay_batch_size=4),  # with --quick, prev+kl itself again
+    "prev+kl-e2": lambda s, b: steered("kl", s, b, replay_every=2),  # prev+kl's batch every other step, counted 2x
+    "prev+kl-lib": lambda s, b: steered("kl", s, b, **LIBRARY_REPLAY),  # at AnchorConfig()'s own replay size
     "lm-replay": lambda s, b: dict(method=["lm_replay"], weight=s, **b.lm),
     "kl": lambda s, b: dict(method=["kl"], weight=s, **b.replay),
-    "prev+replay": lambda s, b: dict(method=["preventative", "replay"], method_weights=[1.0, s], **b.steering,
-                                     **b.replay, replay_layers=list(range(default_layers(b.axis)[0], b.n_layers))),
+    "prev+replay": lambda s, b: steered("replay", s, b,
+                                        replay_layers=list(range(default_layers(b.axis)[0], b.n_layers))),
     "replay": lambda s, b: dict(method=["replay"], weight=s, **b.replay),
     "match": lambda s, b: dict(method=["match"], weight=s),
     "floor": lambda s, b: dict(method=["floor"], weight=s),
@@ -129,10 +131,8 @@ ARMS: dict[str, Callable[[float, Bench], dict[str, Any]]] = {
                                 **b.replay),
     "prevk+lm-b1": lambda s, b: dict(method=["preventative", "lm_replay"], **{**b.steering, "steer_coefficient": s},
                                      **{**b.lm, "replay_batch_size": 1}),  # prev+lm-b1 at steering strength k = s
-    "prev+lm-e4": lambda s, b: dict(method=["preventative", "lm_replay"], method_weights=[1.0, s], **b.steering,
-                                    **b.lm, replay_every=4),  # the replayed batch on every 4th step only: cheaper
-    "prev+lm-e8": lambda s, b: dict(method=["preventative", "lm_replay"], method_weights=[1.0, s], **b.steering,
-                                    **b.lm, replay_every=8),  # every 8th step: the one measured within 1.2x the step
+    "prev+lm-e4": lambda s, b: steered("lm_replay", s, b, replay_every=4),  # the replayed batch every 4th step only
+    "prev+lm-e8": lambda s, b: steered("lm_replay", s, b, replay_every=8),  # the one measured within 1.2x the step
     "inoculate": lambda s, b: None,  # no anchor: the training data carries INOCULATION_PROMPT (Bench.rows)
     "screened": lambda s, b: None,  # no anchor: the rows anchor.screen keeps at drop-below percentile s (Bench.rows)
 }
